@@ -1,0 +1,35 @@
+# The two commands of the README: `make demo` and `make test`. Each creates .venv when
+# missing and installs the project with the pinned versions of constraints.txt.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO_DATA ?= data/fashion-mnist
+DEMO_OUT ?= runs/demo
+
+.PHONY: install demo test test-fast clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	@touch $@
+
+install: $(STAMP)
+
+# Real images: Fashion-MNIST from the Debian package (falls back to generated JPEGs when
+# apt is not available), the M=4 view grid, then a short CPU training run.
+demo: $(STAMP)
+	$(VENV)/bin/dali-ba data fashion-mnist $(DEMO_DATA) || \
+	  { echo "falling back to generated JPEGs"; $(VENV)/bin/dali-ba data synth $(DEMO_DATA) --images 2000 --classes 10 --val-images 500; }
+	$(VENV)/bin/dali-ba show --root $(DEMO_DATA)/train --views 4 --images 8 --augment cifar --image-size 28 --out $(DEMO_OUT)/views.png
+	$(VENV)/bin/dali-ba demo-run --config pipelines/demo-cpu.yaml train.out_dir=$(DEMO_OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs data .pytest_cache
