@@ -1,0 +1,112 @@
+"""Find the images of a dataset: an ImageFolder root (``root/<class>/<image>``) or a file list.
+
+We list files ourselves instead of letting ``readers.file`` walk the folder, because then we
+(1) skip hidden files and non-images instead of failing on them mid-epoch, (2) reject empty class
+folders that DALI silently accepts, (3) own the global per-epoch shuffle and the shard split, so
+we always know which files are in a batch and can name the one that failed to decode.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from dali_ba.errors import DatasetError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".pnm", ".ppm")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Absolute file paths, integer labels (index into ``classes``) and sorted class names."""
+
+    root: str
+    files: List[str]
+    labels: np.ndarray  # int32, one per file
+    classes: List[str]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_classes(root: Path) -> List[str]:
+    """Sorted, non-hidden sub-folder names (the ImageFolder convention: index = label)."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def scan_image_folder(root: str | Path, file_list: Optional[str | Path] = None) -> Dataset:
+    """Return the dataset under ``root``; with ``file_list``, read ``relative/path label`` lines.
+
+    Raises DatasetError naming the path when the root is missing, has no class folders, a class
+    folder holds no image, or a file-list line is malformed.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"image folder not found: {root}")
+    if file_list is not None:
+        return _read_file_list(root, Path(file_list))
+    classes = list_classes(root)
+    if not classes:
+        raise DatasetError(f"no class folders in {root} (expected {root}/<class>/<image>.jpg)")
+    files: List[str] = []
+    labels: List[int] = []
+    empty: List[str] = []
+    for label, name in enumerate(classes):
+        class_dir = root / name
+        found = sorted(
+            str(Path(dirpath, f).resolve())
+            for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True)
+            for f in filenames
+            if _is_image(f) and not any(part.startswith(".") for part in Path(dirpath).relative_to(class_dir).parts)
+        )
+        if not found:
+            empty.append(str(class_dir))
+        files.extend(found)
+        labels.extend([label] * len(found))
+    if empty:
+        raise DatasetError(
+            f"class folder(s) with no images: {', '.join(empty[:5])}"
+            + (f" (+{len(empty) - 5} more)" if len(empty) > 5 else "")
+            + " — remove them or add images (labels are assigned by sorted folder name)"
+        )
+    return Dataset(str(root.resolve()), files, np.asarray(labels, dtype=np.int32), classes)
+
+
+def _read_file_list(root: Path, file_list: Path) -> Dataset:
+    if not file_list.is_file():
+        raise DatasetError(f"file list not found: {file_list}")
+    files: List[str] = []
+    labels: List[int] = []
+    for number, line in enumerate(file_list.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        path, _, label = line.rpartition(" ")
+        if not path or not label.lstrip("-").isdigit() or int(label) < 0:
+            raise DatasetError(f"{file_list}:{number}: expected 'relative/path label', got {line!r}")
+        files.append(str((root / path).resolve()))
+        labels.append(int(label))
+    if not files:
+        raise DatasetError(f"file list {file_list} lists no images")
+    num_classes = max(labels) + 1
+    folder_classes = list_classes(root)
+    classes = folder_classes if len(folder_classes) == num_classes else [str(i) for i in range(num_classes)]
+    return Dataset(str(root.resolve()), files, np.asarray(labels, dtype=np.int32), classes)
+
+
+def check_same_classes(train: Sequence[str], val: Sequence[str], train_root: str, val_root: str) -> None:
+    """Validation labels only mean something if both folders list the same classes."""
+    if list(train) != list(val):
+        only_train = sorted(set(train) - set(val))[:5]
+        only_val = sorted(set(val) - set(train))[:5]
+        raise DatasetError(
+            f"classes differ between {train_root} and {val_root}: "
+            f"only in train {only_train}, only in val {only_val}"
+        )

@@ -1,0 +1,79 @@
+"""``dali-ba show``: a PNG grid, one row per image and its M augmented views in the columns.
+
+Views come from the real train pipeline with mean 0 / std 1, so the pixels are what the network
+would see before normalisation. Column 0 is the eval view of the same image, for reference.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from dali_ba.config import AUGMENT_RECIPES
+
+LABEL_WIDTH = 110
+GAP = 4
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", required=True, help="ImageFolder root (root/<class>/<image>)")
+    parser.add_argument("--views", type=int, default=4, help="M: views per image (columns)")
+    parser.add_argument("--images", type=int, default=8, help="images (rows)")
+    parser.add_argument("--augment", default="imagenet", choices=AUGMENT_RECIPES)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--pad", type=int, default=4, help="cifar recipe padding")
+    parser.add_argument("--color-jitter", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=int, default=0, help="upscale factor for small images (0: auto)")
+    parser.add_argument("--out", default="views.png", help="PNG file to write")
+
+
+def render_grid(root: str, views: int, images: int, augment: str, image_size: int, seed: int = 0,
+                scale: int = 0, **options) -> "PIL.Image.Image":  # noqa: F821
+    """Build the grid image (rows: images; columns: eval view, then the M train views)."""
+    from PIL import Image, ImageDraw
+
+    from dali_ba.loader import BatchAugmentLoader, EvalLoader
+
+    plain = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), device="cpu", num_threads=2)
+    loader = BatchAugmentLoader(root, batch_size=images, num_views=views, image_size=image_size, augment=augment,
+                                seed=seed, layout="grouped", shard_id=0, num_shards=1, **plain, **options)
+    batch, labels = next(iter(loader))  # [N, M, C, H, W]
+    # The same files in the same order through the eval transform: the reference column.
+    files = [loader.dataset.files[i] for i in loader._epoch_indices(0)[:images]]
+    eval_loader = EvalLoader(root, batch_size=images, image_size=image_size, augment=augment, shard_id=0, num_shards=1,
+                             **plain, **{k: v for k, v in options.items() if k != "color_jitter"})
+    order = {f: i for i, f in enumerate(eval_loader.dataset.files)}
+    eval_loader.indices = np.asarray([order[f] for f in files])
+    reference, _ = next(iter(eval_loader))
+
+    scale = scale or max(1, 96 // image_size)
+    cell = image_size * scale
+    width = LABEL_WIDTH + (views + 1) * (cell + GAP)
+    grid = Image.new("RGB", (width, len(files) * (cell + GAP) + 20), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((4, 4), f"{augment}: eval view | {views} train views", fill="black")
+    for row in range(len(files)):
+        y = 20 + row * (cell + GAP)
+        draw.text((4, y + cell // 2 - 6), loader.classes[int(labels[row])][:16], fill="black")
+        columns = [reference[row]] + [batch[row, v] for v in range(views)]
+        for col, tensor in enumerate(columns):
+            pixels = (tensor.permute(1, 2, 0).float().clamp(0, 1).numpy() * 255).astype(np.uint8)
+            tile = Image.fromarray(pixels).resize((cell, cell), Image.NEAREST)
+            grid.paste(tile, (LABEL_WIDTH + col * (cell + GAP), y))
+    return grid
+
+
+def run(args: argparse.Namespace) -> int:
+    from dali_ba.errors import UserError
+
+    if args.views < 1 or args.images < 1:
+        raise UserError(f"--views and --images must be >= 1; got {args.views} and {args.images}")
+    grid = render_grid(args.root, args.views, args.images, args.augment, args.image_size, args.seed, args.scale,
+                       pad=args.pad, color_jitter=args.color_jitter)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    print(f"view grid ({args.images} images × {args.views} views, {args.augment}): {out.resolve()}")
+    return 0

@@ -1,0 +1,42 @@
+"""Shared fixtures: small folders of real JPEG files, written with PIL, decoded by DALI in tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def write_image_folder(root: Path, classes: int = 3, per_class: int = 16, seed: int = 0, size_range=(40, 90)) -> Path:
+    """ImageFolder of random-content RGB JPEGs with varied sizes (class_<k>/<i>.jpg)."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class_{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            h, w = rng.integers(*size_range, size=2)
+            gradient = np.linspace(0, 255, w)[None, :, None] * rng.random(3)
+            noise = rng.normal(0, 40, (h, w, 3))
+            pixels = np.clip(gradient + noise + 60 * c, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i:03d}.jpg", quality=90)
+    return root
+
+
+def write_indexed_folder(root: Path, count: int, classes: int = 2) -> Path:
+    """Flat-colour 16×16 JPEGs whose grey level encodes their index (read back with index_of)."""
+    for i in range(count):
+        folder = root / f"class_{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((16, 16, 3), 10 + 5 * i, np.uint8)).save(folder / f"{i:03d}.jpg", quality=95)
+    return root
+
+
+def index_of(image_chw) -> int:
+    """Inverse of write_indexed_folder for an un-normalised (mean 0, std 1) float image."""
+    return int(round((float(image_chw.mean()) * 255 - 10) / 5))
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("images"))

@@ -1,0 +1,178 @@
+"""BatchAugmentLoader / EvalLoader on real JPEG files decoded by DALI on the CPU."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import index_of, write_indexed_folder
+from dali_ba import BatchAugmentLoader, EvalLoader
+from dali_ba.errors import DatasetError
+
+SMALL = dict(batch_size=4, image_size=24, num_threads=1, device="cpu")
+
+
+def first_batch(root, **kwargs):
+    return next(iter(BatchAugmentLoader(root, **{**SMALL, **kwargs})))
+
+
+def test_flat_layout_shapes_and_repeated_labels(image_folder):
+    loader = BatchAugmentLoader(image_folder, num_views=3, **SMALL)
+    assert len(loader) == 48 // 4
+    assert loader.classes == ["class_0", "class_1", "class_2"]
+    images, labels = next(iter(loader))
+    assert images.shape == (12, 3, 24, 24) and images.dtype == torch.float32
+    assert labels.shape == (12,) and labels.dtype == torch.long
+    # image-major: each image's M views are adjacent and share the label
+    assert torch.equal(labels, labels[::3].repeat_interleave(3))
+
+
+def test_every_pair_of_views_differs(image_folder):
+    for augment in ("imagenet", "cifar"):
+        images, _ = first_batch(image_folder, num_views=4, layout="grouped", augment=augment)
+        assert images.shape == (4, 4, 3, 24, 24)
+        for b in range(4):
+            for i, j in itertools.combinations(range(4), 2):
+                assert not torch.equal(images[b, i], images[b, j]), (augment, b, i, j)
+
+
+def test_grouped_layout_matches_flat(image_folder):
+    flat, flat_labels = first_batch(image_folder, num_views=2, seed=5)
+    grouped, labels = first_batch(image_folder, num_views=2, seed=5, layout="grouped")
+    assert torch.equal(grouped.flatten(0, 1), flat)
+    assert torch.equal(labels.repeat_interleave(2), flat_labels)
+
+
+def test_same_seed_same_batch_other_seed_or_rank_differs(image_folder):
+    base = dict(num_views=2, shard_id=0, num_shards=2)
+    a, la = first_batch(image_folder, seed=3, **base)
+    b, lb = first_batch(image_folder, seed=3, **base)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    other_seed, _ = first_batch(image_folder, seed=4, **base)
+    assert not torch.equal(a, other_seed)
+    other_rank, _ = first_batch(image_folder, seed=3, num_views=2, shard_id=1, num_shards=2)
+    assert not torch.equal(a, other_rank)
+
+
+def test_ranks_read_disjoint_shards_that_change_every_epoch(tmp_path):
+    root = write_indexed_folder(tmp_path, 24)
+    seen = {}
+    for rank in range(3):
+        loader = BatchAugmentLoader(root, batch_size=2, num_views=1, image_size=16, augment="cifar", pad=0,
+                                    shard_id=rank, num_shards=3, mean=(0, 0, 0), std=(1, 1, 1), num_threads=1, device="cpu")
+        assert len(loader) == 4
+        seen[rank] = [index_of(img) for images, _ in loader for img in images]
+        seen[(rank, 1)] = [index_of(img) for images, _ in loader for img in images]  # epoch 1
+    for epoch in (0, 1):
+        shards = [seen[r] if epoch == 0 else seen[(r, 1)] for r in range(3)]
+        union = [i for s in shards for i in s]
+        assert sorted(union) == list(range(24))  # disjoint and complete
+    assert seen[0] != seen[(0, 1)]  # a new shuffle each epoch
+
+
+def test_resume_after_k_batches_gives_the_same_next_batch(image_folder):
+    opts = dict(num_views=3, seed=11, augment="imagenet", color_jitter=0.3)
+    loader = BatchAugmentLoader(image_folder, **SMALL, **opts)
+    for k, (images, labels) in enumerate(loader):
+        if k == 2:
+            state = loader.state_dict()
+        if k == 3:
+            expected = images, labels
+            break
+    resumed = BatchAugmentLoader(image_folder, **SMALL, **opts)
+    resumed.load_state_dict(state)
+    images, labels = next(iter(resumed))
+    assert torch.equal(images, expected[0]) and torch.equal(labels, expected[1])
+
+
+def test_resume_after_break_and_across_epoch_boundary(image_folder):
+    loader = BatchAugmentLoader(image_folder, num_views=2, seed=2, **SMALL)
+    for k, _ in enumerate(loader):
+        if k == 4:
+            break  # the state is kept when the loop is left early
+    state = loader.state_dict()
+    assert (state["epoch"], state["step"]) == (0, 5)
+    straight = list(itertools.islice(iter(loader), 2))
+    again = BatchAugmentLoader(image_folder, num_views=2, seed=2, **SMALL)
+    again.load_state_dict(state)
+    for (a, la), (b, lb) in zip(straight, itertools.islice(iter(again), 2)):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    # a finished epoch resumes at the start of the next one
+    full = BatchAugmentLoader(image_folder, num_views=1, seed=2, **SMALL)
+    for _ in full:
+        pass
+    assert full.state_dict()["epoch"] == 1 and full.state_dict()["step"] == 0
+
+
+def test_load_state_dict_refuses_another_configuration(image_folder):
+    state = BatchAugmentLoader(image_folder, num_views=2, **SMALL).state_dict()
+    other = BatchAugmentLoader(image_folder, num_views=4, **SMALL)
+    with pytest.raises(ValueError, match="num_views: saved 2, now 4"):
+        other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3])
+def test_eval_sees_every_image_exactly_once(tmp_path, num_shards):
+    root = write_indexed_folder(tmp_path, 29, classes=3)
+    seen = []
+    for shard in range(num_shards):
+        loader = EvalLoader(root, batch_size=4, image_size=16, augment="cifar", shard_id=shard, num_shards=num_shards,
+                            mean=(0, 0, 0), std=(1, 1, 1), num_threads=1, device="cpu")
+        for images, labels in loader:
+            assert images.shape[1:] == (3, 16, 16) and len(images) == len(labels)
+            seen.extend(index_of(img) for img in images)
+    assert sorted(seen) == list(range(29))
+
+
+def test_eval_imagenet_centre_crop_and_tta_views(image_folder):
+    loader = EvalLoader(image_folder, batch_size=5, image_size=24, num_threads=1, device="cpu")
+    images, labels = next(iter(loader))
+    assert images.shape == (5, 3, 24, 24)
+    again, _ = next(iter(loader))
+    assert torch.equal(images, again)  # deterministic
+    tta = EvalLoader(image_folder, batch_size=5, image_size=24, views=3, num_threads=1, device="cpu")
+    views, _ = next(iter(tta))
+    assert views.shape == (5, 3, 3, 24, 24) and not torch.equal(views[:, 0], views[:, 1])
+
+
+def test_float16_and_channels_last_outputs(image_folder):
+    images, _ = first_batch(image_folder, num_views=2, dtype="float16", channels_last=True)
+    assert images.dtype == torch.float16 and images.shape == (8, 3, 24, 24)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    reference, _ = first_batch(image_folder, num_views=2)
+    assert torch.allclose(images.float(), reference, atol=0.02)
+
+
+def test_m1_is_an_ordinary_dali_training_pipeline(image_folder):
+    """M=1 gives exactly what a hand-written single-view DALI pipeline gives on the same files."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    loader = BatchAugmentLoader(image_folder, num_views=1, seed=7, **SMALL)
+    images, labels = next(iter(loader))
+    from dali_ba.sharding import augment_seed
+
+    indices = loader._epoch_indices(0)
+
+    @pipeline_def(batch_size=4, num_threads=1, device_id=None, seed=augment_seed(7, 0, 0))
+    def ordinary():
+        jpegs, label = fn.readers.file(files=[loader.dataset.files[i] for i in indices],
+                                       labels=[int(loader.dataset.labels[i]) for i in indices])
+        decoded = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+        flip = fn.random.coin_flip()
+        crop = fn.random_resized_crop(decoded, size=(24, 24), random_area=(0.08, 1.0), random_aspect_ratio=(3 / 4, 4 / 3))
+        out = fn.crop_mirror_normalize(crop, mirror=flip, dtype=types.FLOAT, output_layout="CHW",
+                                       mean=[0.485 * 255, 0.456 * 255, 0.406 * 255], std=[0.229 * 255, 0.224 * 255, 0.225 * 255])
+        return out, label
+
+    pipe = ordinary()
+    pipe.build()
+    out, label = pipe.run()
+    assert torch.equal(images, torch.from_numpy(np.array(out.as_tensor())))
+    assert torch.equal(labels, torch.from_numpy(np.array(label.as_tensor())).reshape(-1).long())
+
+
+def test_batch_larger_than_shard_is_a_clear_error(image_folder):
+    with pytest.raises(DatasetError, match="needs at least 64 images"):
+        BatchAugmentLoader(image_folder, batch_size=32, num_shards=2, shard_id=0, device="cpu")
