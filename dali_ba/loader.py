@@ -177,7 +177,11 @@ class BatchAugmentLoader(_DaliLoader):
         finally:
             if self._live is not None and 0 < self._step < self._steps and self._epoch == epoch:
                 # Stopped mid-epoch (break, max_steps, exception): keep the state to resume from.
-                self._dali_state = self._live.checkpoints()[0]
+                # At interpreter exit DALI may already be torn down; then there is nothing to keep.
+                try:
+                    self._dali_state = self._live.checkpoints()[0]
+                except (AttributeError, RuntimeError):
+                    pass
             self._live = None
             del pipe
 
