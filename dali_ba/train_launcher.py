@@ -1,0 +1,51 @@
+"""``dali-ba train``: run the trainer (``python -m trainers.train``) in a child process.
+
+``--nproc N`` (N > 1) starts ``torchrun --standalone --nproc_per_node=N`` instead (one machine;
+for several nodes call torchrun yourself with the same arguments). Free ``key=value`` arguments
+are config overrides. This module never imports ``trainers``: the trainer is a consumer of
+dali_ba, not part of it. SIGTERM/SIGUSR1/SIGINT are forwarded to the child, so pre-emption
+reaches the training processes (SIGINT is ignored here: a terminal's Ctrl-C already reaches the
+child, which is in the same process group); the exit code is the child's.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+from typing import List
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="run recipe (YAML), e.g. pipelines/demo-cpu.yaml")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="processes on this machine (N > 1: torchrun --standalone; default 1)")
+    parser.add_argument("--resume", default=None, metavar="PATH",
+                        help="auto | none | a run directory | a checkpoint file (same as train.resume=PATH)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=1")
+
+
+def build_command(config: str, overrides: List[str], nproc: int = 1, resume: str | None = None) -> List[str]:
+    args = ["-m", "trainers.train", "--config", config, *overrides]
+    if resume:
+        args += ["--resume", resume]
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return [sys.executable, *args]
+
+
+def run(args: argparse.Namespace) -> int:
+    from dali_ba.config import ConfigError, load_config
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc: expected a value >= 1; got {args.nproc}")
+    overrides = list(dict.fromkeys(getattr(args, "overrides", []) or []))
+    load_config(args.config, overrides)  # fail fast, with the config's own one-line message
+    child = subprocess.Popen(build_command(args.config, overrides, args.nproc, args.resume))
+    previous = {s: signal.signal(s, lambda signum, frame: child.send_signal(signum)) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

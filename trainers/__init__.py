@@ -1,0 +1,17 @@
+"""A small DDP ResNet trainer with the batch-augmentation recipe, the reference consumer of dali_ba.
+
+Read it top to bottom, starting at ``trainers/loop.py`` (the training loop); the other modules
+each hold one concern:
+
+- ``train.py``      entry point: ``python -m trainers.train --config X [key=value ...]`` (or torchrun)
+- ``dist.py``       process group from torchrun's environment; rank 0 / world 1 without one
+- ``models.py``     torchvision ResNet-18/34/50/101, CIFAR ResNet-20/44/56, ResNet-8, a small net
+- ``schedule.py``   the learning rate as a pure function of the step (scaling rules, warmup, decay)
+- ``optim.py``      SGD with optional no-weight-decay for BatchNorm and biases
+- ``checkpoint.py`` atomic save, resume resolution, config compatibility
+- ``metrics.py``    metrics.jsonl (every key documented there), TensorBoard, accuracy
+- ``diagnostics.py`` gradient-noise statistics that explain batch augmentation
+- ``evaluate.py``   validation with one centre view or test-time averaging over views
+
+``dali_ba`` never imports this package.
+"""

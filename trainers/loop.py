@@ -1,0 +1,235 @@
+"""The training loop, top to bottom: set up, resume, then step / log / evaluate / checkpoint.
+
+One optimizer step per batch of B unique images × M views per rank; the loss is the mean over all
+M·B samples (and DDP averages the ranks); steps per epoch = N / (B · world), so with M > 1 the run
+has the same steps and LR schedule as the M=1 baseline unless a scaling rule says otherwise.
+"""
+from __future__ import annotations
+
+import gc
+import random
+import signal
+import sys
+import time
+from contextlib import closing, nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from dali_ba import BatchAugmentLoader, EvalLoader
+from dali_ba.config import Config, config_to_dict, save_config
+from trainers import checkpoint as ckpt
+from trainers import dist as tdist
+from trainers.diagnostics import GradNoiseMonitor
+from trainers.evaluate import evaluate
+from trainers.metrics import MetricsLogger
+from trainers.models import build_model
+from trainers.optim import build_optimizer, set_lr
+from trainers.schedule import build_schedule
+
+PREEMPTED = "PREEMPTED"  # written to train.out_dir after a signal-triggered checkpoint (SLURM requeues)
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (SLURM pre-emption) set a flag; the loop saves and exits at a step boundary."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received = None
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def forward_backward(model, images, labels, loss_fn, scaler, chunks: int, B: int, M: int, memory_format):
+    """Backward of the mean loss over all M·B samples. With ``chunks`` > 1 the batch is split
+    view-major (each chunk: all B images, M/chunks views each) and gradients accumulate: less
+    activation memory, and BatchNorm statistics per chunk (ghost batch norm)."""
+    if chunks == 1:
+        parts = [(images, labels)]
+    else:
+        x, y, m = images.view(B, M, *images.shape[1:]), labels.view(B, M), M // chunks
+        parts = [(x[:, c * m:(c + 1) * m].flatten(0, 1).contiguous(memory_format=memory_format),
+                  y[:, c * m:(c + 1) * m].flatten()) for c in range(chunks)]
+    total = torch.zeros((), device=images.device)
+    for i, (x, y) in enumerate(parts):
+        no_sync = model.no_sync() if i < len(parts) - 1 and isinstance(model, DDP) else nullcontext()
+        with no_sync:
+            loss = loss_fn(x, y) / len(parts)
+            scaler.scale(loss).backward()
+        total += loss.detach().float()
+    return total
+
+
+def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
+    out = Path(cfg.train.out_dir)
+    resume_from = ckpt.resolve_resume(cfg.train.resume, out)  # every rank, before any collective
+    state = ckpt.load(resume_from) if resume_from is not None else None
+    if state is not None:
+        ckpt.check_compatible(state, config_to_dict(cfg), env.world, resume_from)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / PREEMPTED).unlink(missing_ok=True)
+        save_config(cfg, out / "config.yaml")
+
+    # -- data, model, optimizer ---------------------------------------------------------------
+    seed = cfg.train.seed
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    loader = BatchAugmentLoader.from_config(cfg.data, seed=seed, channels_last=cfg.train.channels_last)
+    val = None
+    if cfg.data.val_root:
+        val = EvalLoader.from_config(cfg.data, batch_size=cfg.eval.batch_size, views=cfg.eval.views,
+                                     channels_last=cfg.train.channels_last, seed=seed)
+    B, M, K = cfg.data.batch_size, cfg.data.num_views, cfg.train.view_chunks
+    model = build_model(cfg.model.arch, cfg.model.num_classes or len(loader.classes))
+    model = model.to(env.device, memory_format=fmt)
+    optimizer = build_optimizer(model, cfg.optim)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.amp == "fp16")
+    amp_dtype = AMP_DTYPES[cfg.train.amp]
+    autocast = lambda: torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    steps_per_epoch = len(loader)
+    lr_at = build_schedule(cfg, steps_per_epoch, env.world)
+    stop_at = min(lr_at.total_steps, cfg.train.max_steps or lr_at.total_steps)
+    monitor = GradNoiseMonitor(cfg.diagnostics.every, B, M, env.world)
+
+    # -- resume -------------------------------------------------------------------------------
+    step, best_top1 = 0, -1.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        loader.load_state_dict(state["loader"][env.rank])
+        monitor.load_state_dict(state["diagnostics"])
+        ckpt.set_rng_state(state["rng"][env.rank])
+        step, best_top1 = state["step"], state["best_top1"]
+        del state
+    ddp = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None) if env.distributed else model
+    monitor.attach(ddp)
+
+    def loss_fn(x, y):
+        with autocast():
+            return criterion(ddp(x).float(), y)
+
+    def save(paths):
+        ckpt.save_checkpoint(paths, env, step=step, model=model, optimizer=optimizer, scaler=scaler, loader=loader,
+                             monitor=monitor, config=config_to_dict(cfg), best_top1=best_top1, schedule=lr_at)
+
+    log = MetricsLogger(out / "metrics.jsonl", env.is_main, out / "tensorboard" if cfg.train.tensorboard else None)
+    log.log("event", step, step / steps_per_epoch, event="start", world=env.world, steps_per_epoch=steps_per_epoch,
+            total_steps=lr_at.total_steps, stop_at=stop_at, resumed_from=str(resume_from) if resume_from else None)
+    bar = tqdm(total=stop_at, initial=step, disable=not env.is_main, desc="train", dynamic_ncols=True, file=sys.stderr,
+               mininterval=0.5 if sys.stderr.isatty() else 60)  # batch logs: a line a minute
+    loss_sum, n_steps, data_time, step_time = torch.zeros((), device=env.device), 0, 0.0, 0.0
+    preempted, last_eval = None, None
+
+    # -- the loop: one `for` over the loader is one epoch (or what is left of it) -------------
+    while step < stop_at and not preempted:
+        with closing(iter(loader)) as batches:
+            while step < stop_at:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    break  # end of the epoch
+                t_data = time.perf_counter()
+                images, labels = (t.to(env.device, non_blocking=True) for t in batch)
+                lr = lr_at(step)
+                set_lr(optimizer, lr)
+                diagnose = monitor.due(step)
+                if diagnose:
+                    monitor.probe(ddp, images, labels, loss_fn, scaler.get_scale() if scaler.is_enabled() else 1.0)
+                loss_sum += forward_backward(ddp, images, labels, loss_fn, scaler, K, B, M, fmt)
+                if scaler.is_enabled():
+                    scaler.unscale_(optimizer)
+                diag = monitor.measure(ddp, env) if diagnose else None
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step, n_steps = step + 1, n_steps + 1
+                bar.update(1)
+
+                # One small CPU collective per step: the stop flag (+ the loss on logging steps).
+                last = step >= stop_at
+                log_now = step % cfg.train.log_every == 0 or last
+                reduced = tdist.all_reduce_sum(env, [float(stop.received is not None)] + ([loss_sum.item()] if log_now else []))
+                if reduced[0] > 0 and not last:
+                    preempted = stop.received or "signal on another rank"
+                data_time += t_data - t0
+                step_time += time.perf_counter() - t0
+                epoch = step / steps_per_epoch
+                if log_now:
+                    row = log.log("train", step, epoch, loss=reduced[1] / (env.world * n_steps), lr=lr,
+                                  images_per_s=B * env.world * n_steps / step_time,
+                                  samples_per_s=B * M * env.world * n_steps / step_time,
+                                  data_time=data_time / n_steps, step_time=step_time / n_steps)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.4g}", img_s=f"{row['images_per_s']:.0f}")
+                    loss_sum.zero_()
+                    n_steps, data_time, step_time = 0, 0.0, 0.0
+                if diag is not None:
+                    log.log("diag", step, epoch, **diag)
+
+                epoch_end = step % steps_per_epoch == 0
+                paths = []
+                if val is not None and (last or (step % cfg.train.eval_every == 0 if cfg.train.eval_every else epoch_end)):
+                    last_eval = evaluate(model, val, env, autocast, fmt)
+                    log.log("eval", step, epoch, **last_eval)
+                    bar.write(f"step {step}: val_top1 {last_eval['val_top1']:.2f}%  val_top5 {last_eval['val_top5']:.2f}%  "
+                              f"val_loss {last_eval['val_loss']:.4f}")
+                    if last_eval["val_top1"] > best_top1:
+                        best_top1 = last_eval["val_top1"]
+                        paths.append(ckpt.checkpoint_dir(out) / ckpt.BEST)
+                if last or preempted or (step % cfg.train.checkpoint_every == 0 if cfg.train.checkpoint_every else epoch_end):
+                    paths.append(ckpt.checkpoint_dir(out) / ckpt.LAST)
+                if paths:
+                    save(paths)
+                if preempted:
+                    break
+    bar.close()
+    if not preempted and val is not None and last_eval is None:  # resumed a finished run: report it again
+        last_eval = evaluate(model, val, env, autocast, fmt)
+        log.log("eval", step, step / steps_per_epoch, **last_eval)
+
+    if preempted:
+        log.log("event", step, step / steps_per_epoch, event="preempted", signal=preempted)
+        if env.is_main:
+            (out / PREEMPTED).write_text(f"{preempted} at step {step}; resume with train.resume=auto\n")
+            print(f"pre-empted ({preempted}) at step {step}: checkpoint saved in {ckpt.checkpoint_dir(out)}", flush=True)
+    else:
+        log.log("event", step, step / steps_per_epoch, event="end")
+        if env.is_main:
+            summary = f"done: step {step}/{lr_at.total_steps} (epoch {step / steps_per_epoch:.2f})"
+            if last_eval is not None:
+                summary += f"; val_top1 {last_eval['val_top1']:.2f}%, val_top5 {last_eval['val_top5']:.2f}% on {last_eval['val_images']} images"
+            print(f"{summary}; outputs in {out}", flush=True)
+    log.close()
+    return 0
+
+
+def run(cfg: Config) -> int:
+    """Train under torchrun or as one process; returns the exit code (0 also when pre-empted)."""
+    env = tdist.setup(cfg.train.dist_timeout_s)
+    stop = StopSignal()
+    finished = False
+    try:
+        code = fit(cfg, env, stop)  # model, DDP and loaders are dropped when fit returns
+        finished = True
+        return code
+    finally:
+        stop.restore()
+        gc.collect()
+        if finished:
+            tdist.shutdown(env)  # barrier, then destroy the process group
+        elif env.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # no barrier: the other ranks may not get here

@@ -1,0 +1,129 @@
+"""metrics.jsonl: one JSON object per line, appended (never rewritten, also across resumes).
+
+Every line has ``kind``, ``step`` (optimizer steps done so far, all ranks together: the same
+number on every rank) and ``epoch`` (``step / steps_per_epoch``, fractional), and ``time``
+(seconds since this process started training). A resumed run appends after the old lines; steps
+run again after the last checkpoint appear twice, and readers keep the last line of each
+(kind, step).
+
+``kind: "train"`` — every ``train.log_every`` steps and at the last step:
+    loss           mean cross-entropy over all M·B·world samples, averaged over the steps since the
+                   previous train line (label smoothing included when set)
+    lr             learning rate used by this step's update
+    images_per_s   unique images per second over all ranks (B·world per step)
+    samples_per_s  samples (augmented views) per second over all ranks (M·B·world per step)
+    data_time      seconds per step rank 0 waited for the loader (mean since the previous line)
+    step_time      seconds per step, wall clock (mean since the previous line)
+
+``kind: "eval"`` — every ``train.eval_every`` steps (0: each epoch end) and at the last step:
+    val_top1, val_top5   accuracy in % over every validation image exactly once (all ranks)
+    val_loss             mean cross-entropy (no label smoothing)
+    val_images           images evaluated
+    val_views            views averaged per image (``eval.views``; 1 = one centre view)
+    eval_time            seconds
+
+``kind: "diag"`` — every ``diagnostics.every`` steps (see ``trainers/diagnostics.py`` for the
+estimators). Gradient norms are of the mean-loss gradient, in image units (an image = its M views):
+    grad_norm2           |G|² of the full global batch gradient (after the DDP all-reduce)
+    grad_norm2_local     |G_local|² of one rank's batch (B images), mean over ranks; world > 1 only
+    grad_norm2_view      |g_v|² of one view group (B images × view v) on one rank, mean over ranks
+    view_grad_var        |g_v − G_local|², mean over ranks: how far one view group's gradient
+                         is from the BA gradient of the same images
+    view_grad_var_rel    view_grad_var / grad_norm2_local
+    aug_noise_trace      tr(Σ_aug): per-image gradient covariance from augmentation alone,
+                         = view_grad_var · B · M / (M − 1)
+    noise_trace          tr(Σ) of the per-image BA gradient (McCandlish et al. 2018, App. A)
+    noise_g2             unbiased |G|² estimate of the true gradient's squared norm
+    noise_scale          B_simple = noise_trace / noise_g2, in images (of M views each)
+    noise_pair           which small/large pair gave the three above: "ddp" (per-rank vs
+                         all-reduced gradient, free) or "half" (half the images on one rank,
+                         single process)
+    noise_scale_ema      B_simple from exponential moving averages (0.9) of noise_trace and noise_g2
+                         (the per-step ratio is very noisy; McCandlish recommend this one)
+    ba_var_reduction     (tr Σ + aug_noise_trace·(1 − 1/M)) / tr Σ from the same EMAs: how many
+                         times smaller the BA gradient's variance is than the M=1 gradient's for
+                         the same B (M if views were independent images, 1 if they added nothing)
+    probe                which probe ran: "view" or "half"; probe_view: the view index
+
+``kind: "event"`` — ``event`` is ``start`` (with ``resumed_from`` when resuming), ``preempted``
+(a signal arrived; a checkpoint was saved) or ``end``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+
+class MetricsLogger:
+    """Appends JSON lines on rank 0 (a no-op elsewhere); optional TensorBoard scalars."""
+
+    def __init__(self, path: str | Path, enabled: bool, tensorboard_dir: Optional[str | Path] = None):
+        self.enabled = enabled
+        self.start = time.time()
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a", buffering=1)
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter  # needs the optional `tensorboard` package
+
+            self._tb = SummaryWriter(str(tensorboard_dir))
+
+    def log(self, kind: str, step: int, epoch: float, **values) -> dict:
+        record = {"kind": kind, "step": int(step), "epoch": round(float(epoch), 6),
+                  "time": round(time.time() - self.start, 3)}
+        record.update({k: _clean(v) for k, v in values.items()})
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "time"):
+                    self._tb.add_scalar(f"{kind}/{k}", v, step)
+        return record
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _clean(v):
+    """Plain JSON values: floats rounded to 6 significant digits, NaN/inf as null."""
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float):
+        return float(f"{v:.6g}") if math.isfinite(v) else None
+    return v
+
+
+def read_metrics(path: str | Path, kind: Optional[str] = None) -> list:
+    """Lines of a metrics.jsonl (optionally of one kind), keeping the last line of each (kind, step)."""
+    rows: dict = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if kind is None or row.get("kind") == kind:
+                key = (row.get("kind"), row.get("step"), row.get("event"))
+                rows.pop(key, None)
+                rows[key] = row
+    return sorted(rows.values(), key=lambda r: r["step"])
+
+
+@torch.no_grad()
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:
+    """Counts of samples whose label is among the top-k logits, one per k (k capped at #classes);
+    a tensor on the logits' device (no host synchronisation)."""
+    kmax = min(max(ks), logits.shape[1])
+    hit = logits.topk(kmax, dim=1).indices.eq(labels[:, None])
+    return torch.stack([hit[:, : min(k, kmax)].any(dim=1).sum() for k in ks]).double()
