@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/dali-ba data fashion-mnist $(DEMO_DATA) || \
 	  { echo "falling back to generated JPEGs"; $(VENV)/bin/dali-ba data synth $(DEMO_DATA) --images 2000 --classes 10 --val-images 500; }
 	$(VENV)/bin/dali-ba show --root $(DEMO_DATA)/train --views 4 --images 8 --augment cifar --image-size 28 --out $(DEMO_OUT)/views.png
-	$(VENV)/bin/dali-ba demo-run --config pipelines/demo-cpu.yaml train.out_dir=$(DEMO_OUT)
+	$(VENV)/bin/dali-ba train --config pipelines/demo-cpu.yaml train.out_dir=$(DEMO_OUT) train.resume=none
 
 test: $(STAMP)
 	$(PY) -m pytest -q
