@@ -76,7 +76,8 @@ def test_run_writes_config_metrics_and_checkpoints(data, tmp_path):
     assert [r["step"] for r in diag] == [4, 8, 12, 16]
     assert {r["probe"] for r in diag} == {"view", "half"}  # single process, M > 1: alternating probes
     assert all(r["view_grad_var"] >= 0 for r in diag if r["probe"] == "view")
-    assert "noise_scale" in diag[1] and "ba_var_reduction" in diag[-1]
+    assert all("aug_noise_trace" in r for r in diag if r["probe"] == "view")
+    assert all(r["noise_pair"] == "half" and "noise_scale" in r for r in diag if r["probe"] == "half")
     assert [r["event"] for r in rows if r["kind"] == "event"] == ["start", "end"]
 
     state = last_checkpoint(out)
@@ -137,6 +138,45 @@ def test_resume_errors_are_one_line_and_name_the_problem(data, tmp_path, capsys)
     assert "no checkpoint in" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_channels_last_view_chunks_and_test_time_views(data, tmp_path, amp):
+    """The GPU-oriented options also run on the CPU (fp16 with its gradient scaler)."""
+    out = tmp_path / amp
+    values = tiny(data, out, train={"amp": amp, "channels_last": True, "view_chunks": 2, "max_steps": 4},
+                  eval={"views": 2}, diagnostics={"every": 2})
+    assert run(config_from_dict(values)) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert all(r["loss"] is not None for r in rows if r["kind"] == "train")
+    assert [r["val_views"] for r in rows if r["kind"] == "eval"] == [2]
+    state = last_checkpoint(out)
+    assert state["scaler"] != {} if amp == "fp16" else state["scaler"] == {}
+
+
+def test_tensorboard_without_the_package_is_a_config_error(data, tmp_path, capsys):
+    try:
+        import tensorboard  # noqa: F401
+        pytest.skip("tensorboard is installed")
+    except ImportError:
+        pass
+    config = write_yaml(tiny(data, tmp_path / "run", train={"tensorboard": True}), tmp_path / "tb.yaml")
+    assert train_main(["--config", str(config)]) == 2
+    assert "train.tensorboard: needs the tensorboard package" in capsys.readouterr().err
+
+
+def test_an_undecodable_file_stops_the_run_with_its_name(data, tmp_path, capsys):
+    import shutil
+
+    train = tmp_path / "train"
+    shutil.copytree(data / "train", train)
+    bad = train / "class_2" / "broken.jpg"
+    bad.write_text("this is not a JPEG")
+    values = tiny(data, tmp_path / "run", train={"epochs": 1})
+    values["data"]["train_root"] = str(train)
+    assert train_main(["--config", str(write_yaml(values, tmp_path / "bad.yaml"))]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # (the rest: tqdm)
+    assert len(errors) == 1 and "broken.jpg" in errors[0]
+
+
 def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -174,6 +214,9 @@ def test_signal_saves_a_checkpoint_exits_0_and_the_run_resumes(data, tmp_path, s
     assert 3 <= stopped < 40
     events = read_metrics(out / "metrics.jsonl", "event")
     assert events[-1]["event"] == "preempted" and events[-1]["step"] == stopped
+    assert events[-1]["signal"] == signal.Signals(signum).name
+    if signum != signal.SIGTERM:
+        return  # resuming is the same whichever signal stopped the run
 
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

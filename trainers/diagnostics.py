@@ -193,8 +193,8 @@ class GradNoiseMonitor:
             self.ema["trace"].update(out["noise_trace"])
             self.ema["g2"].update(out["noise_g2"])
         trace, g2, aug = (self.ema[k].get() for k in ("trace", "g2", "aug"))
-        if trace is not None and g2:
+        if trace is not None and g2 is not None and trace > 0 and g2 > 0:  # early estimates can be negative
             out["noise_scale_ema"] = trace / g2
-        if trace and aug is not None and self.M > 1:
+        if trace is not None and trace > 0 and aug is not None and self.M > 1:
             out["ba_var_reduction"] = (trace + aug * (1 - 1 / self.M)) / trace
         return out

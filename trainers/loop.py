@@ -52,6 +52,14 @@ class StopSignal:
             signal.signal(s, handler)
 
 
+def endless(loader):
+    """Batches across epochs: each ``for`` over the loader is one epoch (or what is left of it).
+    Closing this generator closes the loader's epoch, which keeps its state for a checkpoint."""
+    while True:
+        with closing(iter(loader)) as epoch:
+            yield from epoch
+
+
 def forward_backward(model, images, labels, loss_fn, scaler, chunks: int, B: int, M: int, memory_format):
     """Backward of the mean loss over all M·B samples. With ``chunks`` > 1 the batch is split
     view-major (each chunk: all B images, M/chunks views each) and gradients accumulate: less
@@ -82,6 +90,7 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / PREEMPTED).unlink(missing_ok=True)
         save_config(cfg, out / "config.yaml")
+    log = MetricsLogger(out / "metrics.jsonl", env.is_main, out / "tensorboard" if cfg.train.tensorboard else None)
 
     # -- data, model, optimizer ---------------------------------------------------------------
     seed = cfg.train.seed
@@ -108,10 +117,15 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
     # -- resume -------------------------------------------------------------------------------
     step, best_top1 = 0, -1.0
     if state is not None:
+        if state["classes"] != loader.classes:
+            raise ckpt.ResumeError(f"cannot resume from {resume_from}: its classes differ from {cfg.data.train_root}'s")
+        try:
+            loader.load_state_dict(state["loader"][env.rank])
+        except ValueError as exc:  # e.g. the image folder changed since the checkpoint
+            raise ckpt.ResumeError(f"cannot resume from {resume_from}: {exc}") from None
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        loader.load_state_dict(state["loader"][env.rank])
         monitor.load_state_dict(state["diagnostics"])
         ckpt.set_rng_state(state["rng"][env.rank])
         step, best_top1 = state["step"], state["best_top1"]
@@ -127,76 +141,71 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
         ckpt.save_checkpoint(paths, env, step=step, model=model, optimizer=optimizer, scaler=scaler, loader=loader,
                              monitor=monitor, config=config_to_dict(cfg), best_top1=best_top1, schedule=lr_at)
 
-    log = MetricsLogger(out / "metrics.jsonl", env.is_main, out / "tensorboard" if cfg.train.tensorboard else None)
     log.log("event", step, step / steps_per_epoch, event="start", world=env.world, steps_per_epoch=steps_per_epoch,
             total_steps=lr_at.total_steps, stop_at=stop_at, resumed_from=str(resume_from) if resume_from else None)
-    bar = tqdm(total=stop_at, initial=step, disable=not env.is_main, desc="train", dynamic_ncols=True, file=sys.stderr,
-               mininterval=0.5 if sys.stderr.isatty() else 60)  # batch logs: a line a minute
     loss_sum, n_steps, data_time, step_time = torch.zeros((), device=env.device), 0, 0.0, 0.0
     preempted, last_eval = None, None
 
-    # -- the loop: one `for` over the loader is one epoch (or what is left of it) -------------
-    while step < stop_at and not preempted:
-        with closing(iter(loader)) as batches:
-            while step < stop_at:
-                t0 = time.perf_counter()
-                batch = next(batches, None)
-                if batch is None:
-                    break  # end of the epoch
-                t_data = time.perf_counter()
-                images, labels = (t.to(env.device, non_blocking=True) for t in batch)
-                lr = lr_at(step)
-                set_lr(optimizer, lr)
-                diagnose = monitor.due(step)
-                if diagnose:
-                    monitor.probe(ddp, images, labels, loss_fn, scaler.get_scale() if scaler.is_enabled() else 1.0)
-                loss_sum += forward_backward(ddp, images, labels, loss_fn, scaler, K, B, M, fmt)
-                if scaler.is_enabled():
-                    scaler.unscale_(optimizer)
-                diag = monitor.measure(ddp, env) if diagnose else None
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step, n_steps = step + 1, n_steps + 1
-                bar.update(1)
+    # -- the loop --------------------------------------------------------------------------------
+    def due(every: int) -> bool:  # every N steps; N = 0: at each epoch end
+        return step % (every or steps_per_epoch) == 0
 
-                # One small CPU collective per step: the stop flag (+ the loss on logging steps).
-                last = step >= stop_at
-                log_now = step % cfg.train.log_every == 0 or last
-                reduced = tdist.all_reduce_sum(env, [float(stop.received is not None)] + ([loss_sum.item()] if log_now else []))
-                if reduced[0] > 0 and not last:
-                    preempted = stop.received or "signal on another rank"
-                data_time += t_data - t0
-                step_time += time.perf_counter() - t0
-                epoch = step / steps_per_epoch
-                if log_now:
-                    row = log.log("train", step, epoch, loss=reduced[1] / (env.world * n_steps), lr=lr,
-                                  images_per_s=B * env.world * n_steps / step_time,
-                                  samples_per_s=B * M * env.world * n_steps / step_time,
-                                  data_time=data_time / n_steps, step_time=step_time / n_steps)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.4g}", img_s=f"{row['images_per_s']:.0f}")
-                    loss_sum.zero_()
-                    n_steps, data_time, step_time = 0, 0.0, 0.0
-                if diag is not None:
-                    log.log("diag", step, epoch, **diag)
+    with tqdm(total=stop_at, initial=step, disable=not env.is_main, desc="train", dynamic_ncols=True, file=sys.stderr,
+              mininterval=0.5 if sys.stderr.isatty() else 60) as bar, closing(endless(loader)) as batches:
+        while step < stop_at:
+            t0 = time.perf_counter()
+            images, labels = (t.to(env.device, non_blocking=True) for t in next(batches))
+            t_data = time.perf_counter()
+            lr = lr_at(step)
+            set_lr(optimizer, lr)
+            diagnose = monitor.due(step)
+            if diagnose:
+                monitor.probe(ddp, images, labels, loss_fn, scaler.get_scale() if scaler.is_enabled() else 1.0)
+            loss_sum += forward_backward(ddp, images, labels, loss_fn, scaler, K, B, M, fmt)
+            if scaler.is_enabled():
+                scaler.unscale_(optimizer)
+            diag = monitor.measure(ddp, env) if diagnose else None
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step, n_steps = step + 1, n_steps + 1
+            bar.update(1)
 
-                epoch_end = step % steps_per_epoch == 0
-                paths = []
-                if val is not None and (last or (step % cfg.train.eval_every == 0 if cfg.train.eval_every else epoch_end)):
-                    last_eval = evaluate(model, val, env, autocast, fmt)
-                    log.log("eval", step, epoch, **last_eval)
-                    bar.write(f"step {step}: val_top1 {last_eval['val_top1']:.2f}%  val_top5 {last_eval['val_top5']:.2f}%  "
-                              f"val_loss {last_eval['val_loss']:.4f}")
-                    if last_eval["val_top1"] > best_top1:
-                        best_top1 = last_eval["val_top1"]
-                        paths.append(ckpt.checkpoint_dir(out) / ckpt.BEST)
-                if last or preempted or (step % cfg.train.checkpoint_every == 0 if cfg.train.checkpoint_every else epoch_end):
-                    paths.append(ckpt.checkpoint_dir(out) / ckpt.LAST)
-                if paths:
-                    save(paths)
-                if preempted:
-                    break
-    bar.close()
+            # One small CPU collective per step: the stop flag (+ the loss on logging steps).
+            last = step >= stop_at
+            log_now = step % cfg.train.log_every == 0 or last
+            reduced = tdist.all_reduce_sum(env, [float(stop.received is not None)] + ([loss_sum.item()] if log_now else []))
+            if reduced[0] > 0 and not last:
+                preempted = stop.received or "signal on another rank"
+            data_time += t_data - t0
+            step_time += time.perf_counter() - t0
+            epoch = step / steps_per_epoch
+            if log_now:
+                row = log.log("train", step, epoch, loss=reduced[1] / (env.world * n_steps), lr=lr,
+                              images_per_s=B * env.world * n_steps / step_time,
+                              samples_per_s=B * M * env.world * n_steps / step_time,
+                              data_time=data_time / n_steps, step_time=step_time / n_steps)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.4g}", img_s=f"{row['images_per_s']:.0f}")
+                loss_sum.zero_()
+                n_steps, data_time, step_time = 0, 0.0, 0.0
+            if diag is not None:
+                log.log("diag", step, epoch, **diag)
+
+            paths = []
+            if val is not None and (last or due(cfg.train.eval_every)):
+                last_eval = evaluate(model, val, env, autocast, fmt)
+                log.log("eval", step, epoch, **last_eval)
+                bar.write(f"step {step}: val_top1 {last_eval['val_top1']:.2f}%  val_top5 {last_eval['val_top5']:.2f}%  "
+                          f"val_loss {last_eval['val_loss']:.4f}")
+                if last_eval["val_top1"] > best_top1:
+                    best_top1 = last_eval["val_top1"]
+                    paths.append(ckpt.checkpoint_dir(out) / ckpt.BEST)
+            if last or preempted or due(cfg.train.checkpoint_every):
+                paths.append(ckpt.checkpoint_dir(out) / ckpt.LAST)
+            if paths:
+                save(paths)
+            if preempted:
+                break
     if not preempted and val is not None and last_eval is None:  # resumed a finished run: report it again
         last_eval = evaluate(model, val, env, autocast, fmt)
         log.log("eval", step, step / steps_per_epoch, **last_eval)
@@ -211,7 +220,8 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
         if env.is_main:
             summary = f"done: step {step}/{lr_at.total_steps} (epoch {step / steps_per_epoch:.2f})"
             if last_eval is not None:
-                summary += f"; val_top1 {last_eval['val_top1']:.2f}%, val_top5 {last_eval['val_top5']:.2f}% on {last_eval['val_images']} images"
+                e = last_eval
+                summary += f"; val_top1 {e['val_top1']:.2f}%, val_top5 {e['val_top5']:.2f}% on {e['val_images']} images"
             print(f"{summary}; outputs in {out}", flush=True)
     log.close()
     return 0

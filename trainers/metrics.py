@@ -39,7 +39,8 @@ estimators). Gradient norms are of the mean-loss gradient, in image units (an im
                          all-reduced gradient, free) or "half" (half the images on one rank,
                          single process)
     noise_scale_ema      B_simple from exponential moving averages (0.9) of noise_trace and noise_g2
-                         (the per-step ratio is very noisy; McCandlish recommend this one)
+                         (the per-step ratio is very noisy, even negative; McCandlish recommend
+                         this one; absent while either average is not positive)
     ba_var_reduction     (tr Σ + aug_noise_trace·(1 − 1/M)) / tr Σ from the same EMAs: how many
                          times smaller the BA gradient's variance is than the M=1 gradient's for
                          the same B (M if views were independent images, 1 if they added nothing)
@@ -58,6 +59,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from dali_ba.config import ConfigError
+
 
 class MetricsLogger:
     """Appends JSON lines on rank 0 (a no-op elsewhere); optional TensorBoard scalars."""
@@ -67,14 +70,18 @@ class MetricsLogger:
         self.start = time.time()
         self._file = None
         self._tb = None
+        if tensorboard_dir is not None:  # checked on every rank, so that all of them stop
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("train.tensorboard: needs the tensorboard package "
+                                  "(pip install 'dali-ba[tensorboard]')") from None
         if not enabled:
             return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "a", buffering=1)
         if tensorboard_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter  # needs the optional `tensorboard` package
-
             self._tb = SummaryWriter(str(tensorboard_dir))
 
     def log(self, kind: str, step: int, epoch: float, **values) -> dict:
