@@ -143,27 +143,27 @@ class GradNoiseMonitor:
         with torch.no_grad():
             for b, s in zip(module.buffers(), saved):
                 b.copy_(s)
-        probe, norm2 = {}, 0.0
+        probe, norm2 = {}, []
         for p in module.parameters():
             if p.grad is not None:
                 g = p.grad.detach().float() / grad_scale
                 probe[p.data_ptr()] = g
-                norm2 += float(g.pow(2).sum())
+                norm2.append(g.pow(2).sum())
             p.grad = None
-        self._hook.probe, self._probe_norm2 = probe, norm2
+        self._hook.probe, self._probe_norm2 = probe, float(torch.stack(norm2).sum()) if norm2 else 0.0
 
     # -- after backward (and AMP unscale), before the optimizer step -------------------------
     def measure(self, model: nn.Module, env: tdist.DistEnv) -> Dict[str, float]:
         """Statistics of this step (a collective on every rank when distributed)."""
         module = getattr(model, "module", model)
-        big2, dot_local = 0.0, 0.0
+        sums = []  # per parameter: |g|², <g, probe> (one host synchronisation at the end)
         for p in module.parameters():
             if p.grad is not None:
                 g = p.grad.detach().float()
-                big2 += float(g.pow(2).sum())
                 probe = self._hook.probe.get(p.data_ptr())
-                if probe is not None and self.world == 1:
-                    dot_local += float((g * probe).sum())
+                dot = (g * probe).sum() if probe is not None and self.world == 1 else g.new_zeros(())
+                sums.append(torch.stack([g.pow(2).sum(), dot]))
+        big2, dot_local = torch.stack(sums).sum(0).tolist() if sums else (0.0, 0.0)
         kind, scale = self._probe_kind, self._scale
         if self.world > 1:  # the hook saw scaled local gradients (AMP fp16); undo the scale
             local2 = float(self._hook.local_sq or 0.0) / scale**2
