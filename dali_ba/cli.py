@@ -18,6 +18,7 @@ _COMMANDS = [
     (("data", "fashion-mnist"), "dali_ba.data.fashion_mnist", "real Fashion-MNIST images (Debian package) as JPEG folders"),
     (("data", "verify"), "dali_ba.data.verify", "find every file DALI cannot decode"),
     (("show",), "dali_ba.viz", "PNG grid: one row per image, its M augmented views in columns"),
+    (("bench",), "dali_ba.bench", "throughput benchmarks, side by side"),
     (("train",), "dali_ba.train_launcher", "train a ResNet (the trainers package; also under torchrun)"),
 ]
 

@@ -2,16 +2,19 @@
 
 Train graph (one epoch of one rank): read this rank's files in the order ``sharding`` chose →
 decode each image **once** (``mixed`` on GPU, ``cpu`` otherwise) → M independent view branches
-→ ``stack`` → ``[B, M, C, H, W]``. With M=1 there is no stack: it is an ordinary DALI training
-pipeline. Eval graph: decode → the recipe's eval transform (or ``views`` random views for
-test-time averaging).
+(``augment.train_views``: uint8 crops, stacked, normalised once) → ``[B, M, C, H, W]``. With M=1
+there is no stack: it is an ordinary DALI training pipeline. Eval graph: decode → the recipe's
+eval transform (or ``views`` random views for test-time averaging).
+
+``build_train_pipeline(..., decode_per_view=True)`` is the *naive* graph the benchmarks compare
+against: the same views, but each view decodes the image again with its own decoder.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from dali_ba.augment import AugmentSpec, eval_view, prepare_shared, train_view
+from dali_ba.augment import AugmentSpec, eval_view, prepare_shared, train_views
 
 READER_NAME = "Reader"
 
@@ -29,33 +32,47 @@ class DecodeOptions:
     preallocate_height_hint: int = 0
 
 
-def _read_and_decode(files: Sequence[str], labels: Sequence[int], decode: DecodeOptions, pad_last_batch: bool):
-    from nvidia.dali import fn, types
+def _read(files: Sequence[str], labels: Sequence[int], pad_last_batch: bool):
+    from nvidia.dali import fn
 
-    encoded, label = fn.readers.file(
+    return fn.readers.file(
         files=list(files),
         labels=[int(x) for x in labels],
         random_shuffle=False,  # the order is chosen in sharding.py (global per-epoch permutation)
         pad_last_batch=pad_last_batch,
         name=READER_NAME,
     )
+
+
+def _decode(encoded, decode: DecodeOptions, name: Optional[str] = None):
+    """One image decoder. ``name`` (with ``preserve``) keeps DALI from merging it with an
+    identical decoder on the same input (common-subexpression elimination)."""
+    from nvidia.dali import fn, types
+
+    unique = {"name": name, "preserve": True} if name else {}
     if decode.device == "cuda":
-        images = fn.decoders.image(
+        return fn.decoders.image(
             encoded,
             device="mixed",
             output_type=types.RGB,
             hw_decoder_load=decode.hw_decoder_load,
             preallocate_width_hint=decode.preallocate_width_hint,
             preallocate_height_hint=decode.preallocate_height_hint,
+            **unique,
         )
-    else:
-        images = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
-    return images, label
+    return fn.decoders.image(encoded, device="cpu", output_type=types.RGB, **unique)
 
 
-def _make(graph, batch_size: int, decode: DecodeOptions, seed: int, checkpoint, conditionals: bool, **kwargs):
+def _read_and_decode(files: Sequence[str], labels: Sequence[int], decode: DecodeOptions, pad_last_batch: bool):
+    encoded, label = _read(files, labels, pad_last_batch)
+    return _decode(encoded, decode), label
+
+
+def _make(graph, batch_size: int, decode: DecodeOptions, seed: int, checkpoint, conditionals: bool,
+          pipeline_options: Optional[dict] = None, **kwargs):
     from nvidia.dali import pipeline_def
 
+    kwargs.update(pipeline_options or {})
     pipe = pipeline_def(graph, enable_checkpointing=True, enable_conditionals=conditionals)(
         batch_size=batch_size,
         num_threads=decode.num_threads,
@@ -79,16 +96,28 @@ def build_train_pipeline(
     decode: DecodeOptions,
     seed: int,
     checkpoint: Optional[bytes] = None,
+    decode_per_view: bool = False,
+    pipeline_options: Optional[dict] = None,
 ):
-    """A built pipeline yielding ``(views [B,M,...] or [B,...] when M=1, labels [B,1])``."""
+    """A built pipeline yielding ``(views [B,M,...] or [B,...] when M=1, labels [B,1])``.
+
+    ``decode_per_view``: the naive baseline of the benchmarks: M decoders (named, preserved, so
+    DALI cannot merge them), one per view; the same views otherwise. ``pipeline_options``: extra
+    ``Pipeline`` keyword arguments (e.g. ``exec_dynamic=False`` for executor statistics).
+    """
 
     def graph(files, labels):
-        images, label = _read_and_decode(files, labels, decode, pad_last_batch=False)
-        shared = prepare_shared(images, spec)
-        views = [train_view(images, spec, shared) for _ in range(num_views)]
-        return _stack(views), label
+        encoded, label = _read(files, labels, pad_last_batch=False)
+        if decode_per_view:
+            images = [_decode(encoded, decode, name=f"decode_view{i}") for i in range(num_views)]
+            shared = [prepare_shared(image, spec) for image in images]
+        else:
+            images = [_decode(encoded, decode)] * num_views
+            shared = [prepare_shared(images[0], spec)] * num_views  # done once, used by every view
+        return train_views(images, spec, shared), label
 
-    return _make(graph, batch_size, decode, seed, checkpoint, spec.needs_conditionals, files=files, labels=labels)
+    return _make(graph, batch_size, decode, seed, checkpoint, spec.needs_conditionals, pipeline_options,
+                 files=files, labels=labels)
 
 
 def build_eval_pipeline(
@@ -107,17 +136,10 @@ def build_eval_pipeline(
         images, label = _read_and_decode(files, labels, decode, pad_last_batch=True)
         if views == 1:
             return eval_view(images, spec), label
-        shared = prepare_shared(images, spec)
-        return _stack([train_view(images, spec, shared) for _ in range(views)]), label
+        return train_views([images] * views, spec, [prepare_shared(images, spec)] * views), label
 
     conditionals = spec.needs_conditionals and views > 1
     return _make(graph, batch_size, decode, seed, None, conditionals, files=files, labels=labels)
-
-
-def _stack(views):
-    from nvidia.dali import fn
-
-    return views[0] if len(views) == 1 else fn.stack(*views, axis=0)
 
 
 def cuda_available() -> bool:
