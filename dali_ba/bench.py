@@ -271,16 +271,25 @@ def markdown_table(results: List[dict]) -> str:
 
 
 def markdown_ratios(ratios: dict) -> str:
-    keys = [("images_per_s_vs_torchvision", "img/s ÷ torchvision"), ("cpu_per_image_vs_torchvision", "CPU/img: torchvision ÷ fused"),
-            ("images_per_s_vs_dali-naive", "img/s ÷ dali-naive"), ("cpu_per_image_vs_dali-naive", "CPU/img: naive ÷ fused"),
+    """Ratio of medians, and in brackets the median of the per-round (paired) ratios."""
+    keys = [("images_per_s_vs_torchvision", "img/s ÷ torchvision"),
+            ("cpu_per_image_vs_torchvision", "CPU/img: torchvision ÷ fused"),
+            ("images_per_s_vs_dali-naive", "img/s ÷ dali-naive"),
+            ("cpu_per_image_vs_dali-naive", "CPU/img: naive ÷ fused"),
             ("views_per_s_vs_m1", "views/s ÷ views/s at M=1")]
     present = [(k, t) for k, t in keys if any(k in row for row in ratios.values())]
     if not present:
         return ""
     lines = ["| dali-fused at | " + " | ".join(t for _, t in present) + " |", "|---|" + "---:|" * len(present)]
     for m, row in ratios.items():
-        lines.append(f"| {m} | " + " | ".join(f"{row[k]:.2f}×" if k in row else "–" for k, _ in present) + " |")
-    return "\n".join(lines)
+        cells = []
+        for k, _ in present:
+            cell = f"{row[k]:.2f}×" if k in row else "–"
+            if f"{k}_paired" in row:
+                cell += f" ({row[k + '_paired']:.2f}×)"
+            cells.append(cell)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n(ratio of medians; in brackets the median of the same-round ratios)"
 
 
 def plot_loader(record: dict, path: str) -> None:

@@ -287,7 +287,8 @@ def measure(s: LoaderBenchSettings, case: Case) -> dict:
     if tuple(images.shape) != expected or len(labels) != expected[0]:
         raise RuntimeError(f"{case.variant}: batch shape {tuple(images.shape)}, expected {expected}")
     n = s.batch_size * done
-    return {"wall_s": wall, "cpu_s": cpu, "images": n, "images_per_s": n / wall, "cpu_s_per_image": cpu / n}
+    return {"wall_s": wall, "cpu_s": cpu, "images": n, "images_per_s": n / wall, "cpu_s_per_image": cpu / n,
+            "load_1min": round(os.getloadavg()[0], 2)}  # how busy the machine was (other processes too)
 
 
 def _median(xs: Sequence[float]) -> float:
@@ -332,13 +333,25 @@ def run_rounds(s: LoaderBenchSettings, log: Callable[[str], None] = print) -> Li
     return [summarise(c, done[c.key]) for c in todo]
 
 
+def _paired(fused: dict, other: dict, key: str, invert: bool = False) -> Optional[float]:
+    """Median over rounds of the same-round ratio (both measured minutes apart at most, so a
+    slowly changing background load cancels better than in a ratio of medians)."""
+    theirs = {r["round"]: r[key] for r in other["repeats"] if "round" in r}
+    pairs = [(theirs[r["round"]] / r[key]) if invert else (r[key] / theirs[r["round"]])
+             for r in fused["repeats"] if r.get("round") in theirs]
+    return _median(pairs) if pairs else None
+
+
 def ratios(results: List[dict]) -> Dict[str, Dict[str, float]]:
-    """Per M: fused vs torchvision / naive (img/s and CPU-s per image), and fused views/s vs M=1."""
+    """Per M: fused vs torchvision / naive (img/s and CPU-s per image), and fused views/s vs M=1.
+
+    ``X_vs_Y``: ratio of the medians; ``X_vs_Y_paired``: median of the per-round ratios.
+    """
     hw = next((r["hw_decoder_load"] for r in results if "hw_decoder_load" in r), None)  # first of a sweep
     by = {(r["variant"], r["num_views"]): r for r in results if r.get("hw_decoder_load") in (None, hw)}
     out: Dict[str, Dict[str, float]] = {}
     fused1 = by.get(("dali-fused", 1))
-    for (variant, m), fused in sorted(by.items()):
+    for (variant, m), fused in sorted(by.items(), key=lambda kv: kv[0][1]):
         if variant != "dali-fused":
             continue
         row: Dict[str, float] = {}
@@ -347,7 +360,11 @@ def ratios(results: List[dict]) -> Dict[str, Dict[str, float]]:
                 o = by[(other, m)]
                 row[f"images_per_s_vs_{other}"] = fused["images_per_s"] / o["images_per_s"]
                 row[f"cpu_per_image_vs_{other}"] = o["cpu_s_per_image"] / fused["cpu_s_per_image"]
+                row[f"images_per_s_vs_{other}_paired"] = _paired(fused, o, "images_per_s")
+                row[f"cpu_per_image_vs_{other}_paired"] = _paired(fused, o, "cpu_s_per_image", invert=True)
         if fused1 is not None:
             row["views_per_s_vs_m1"] = fused["views_per_s"] / fused1["views_per_s"]
-        out[f"M={m}"] = row
+            paired = _paired(fused, fused1, "images_per_s")
+            row["views_per_s_vs_m1_paired"] = paired * m if paired is not None else None
+        out[f"M={m}"] = {k: v for k, v in row.items() if v is not None}
     return out

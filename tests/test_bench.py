@@ -134,12 +134,13 @@ def test_variants_give_the_same_output(tmp_path, variant):
 def test_process_tree_cpu_counts_live_children():
     from dali_ba.bench_loader import process_tree_cpu_seconds
 
+    before = process_tree_cpu_seconds()
     child = subprocess.Popen([sys.executable, "-c", "import time\nt=time.process_time()\n"
-                              "while time.process_time()-t<0.6: pass\ntime.sleep(30)"])
+                              "while time.process_time()-t<0.5: pass\nprint('done', flush=True)\ntime.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
     try:
-        before = process_tree_cpu_seconds()
-        time.sleep(1.5)
-        assert process_tree_cpu_seconds() - before > 0.3  # the busy child, not this sleeping process
+        assert child.stdout.readline().strip() == "done"  # the child has burnt 0.5 s of CPU and lives on
+        assert process_tree_cpu_seconds() - before > 0.4  # counted although it has not exited
     finally:
         child.kill()
         child.wait()
