@@ -41,15 +41,25 @@ def list_classes(root: Path) -> List[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 
 
-def scan_image_folder(root: str | Path, file_list: Optional[str | Path] = None) -> Dataset:
+def check_dataset_paths(root: str | Path, file_list: Optional[str | Path] = None) -> None:
+    """DatasetError unless ``root`` is a folder and ``file_list`` (if any) a file: a check that
+    costs nothing, so a trainer can make it before loading anything heavy."""
+    if not Path(root).is_dir():
+        raise DatasetError(f"image folder not found: {root}")
+    if file_list is not None and not Path(file_list).is_file():
+        raise DatasetError(f"file list not found: {file_list}")
+
+
+def scan_image_folder(root: str | Path, file_list: Optional[str | Path] = None, *,
+                      allow_empty_classes: bool = False) -> Dataset:
     """Return the dataset under ``root``; with ``file_list``, read ``relative/path label`` lines.
 
     Raises DatasetError naming the path when the root is missing, has no class folders, a class
-    folder holds no image, or a file-list line is malformed.
+    folder holds no image (unless ``allow_empty_classes``: ``dali-ba data verify`` reports them
+    instead), or a file-list line is malformed.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"image folder not found: {root}")
+    check_dataset_paths(root, file_list)
     if file_list is not None:
         return _read_file_list(root, Path(file_list))
     classes = list_classes(root)
@@ -70,7 +80,7 @@ def scan_image_folder(root: str | Path, file_list: Optional[str | Path] = None) 
             empty.append(str(class_dir))
         files.extend(found)
         labels.extend([label] * len(found))
-    if empty:
+    if empty and not allow_empty_classes:
         raise DatasetError(
             f"class folder(s) with no images: {', '.join(empty[:5])}"
             + (f" (+{len(empty) - 5} more)" if len(empty) > 5 else "")
@@ -97,8 +107,44 @@ def _read_file_list(root: Path, file_list: Path) -> Dataset:
         raise DatasetError(f"file list {file_list} lists no images")
     num_classes = max(labels) + 1
     folder_classes = list_classes(root)
-    classes = folder_classes if len(folder_classes) == num_classes else [str(i) for i in range(num_classes)]
+    # The class folders name the labels when there are enough of them (a clean list written by
+    # `dali-ba data verify` keeps the folder labels, also when a class folder has no usable image).
+    classes = folder_classes if len(folder_classes) >= num_classes else [str(i) for i in range(num_classes)]
     return Dataset(str(root.resolve()), files, np.asarray(labels, dtype=np.int32), classes)
+
+
+def ignored_entries(root: str | Path) -> List[str]:
+    """What a folder scan leaves out under the class folders of ``root``: hidden files and folders,
+    and files that are not images by their extension (``.DS_Store``, ``README.txt``, ...).
+    Folders named like images (``x.jpg/``) are sub-folders to the scan, so they are listed too."""
+    root = Path(root)
+    out: List[str] = []
+    for name in list_classes(root):
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            hidden = [d for d in dirnames if d.startswith(".")]
+            out.extend(str(Path(dirpath, d)) + "/" for d in hidden)
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            out.extend(str(Path(dirpath, d)) + "/" for d in dirnames if d.lower().endswith(IMAGE_EXTENSIONS))
+            out.extend(str(Path(dirpath, f)) for f in filenames if not _is_image(f))
+    return sorted(out)
+
+
+def align_classes(val: Dataset, train_classes: Sequence[str], train_root: str, val_root: str) -> Dataset:
+    """``val`` labelled by the training set's class order. Validation may lack some training
+    classes (its labels are remapped, so that class k means the same in both), but a class the
+    training set does not have makes accuracy meaningless: DatasetError naming it."""
+    if list(val.classes) == list(train_classes):
+        return val
+    unknown = sorted(set(val.classes) - set(train_classes))
+    if unknown:
+        raise DatasetError(
+            f"classes differ between {train_root} and {val_root}: only in val {unknown[:5]}"
+            + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
+            + f", only in train {sorted(set(train_classes) - set(val.classes))[:5]}"
+        )
+    index = {name: i for i, name in enumerate(train_classes)}
+    remap = np.asarray([index[name] for name in val.classes], dtype=np.int32)
+    return Dataset(val.root, val.files, remap[val.labels], list(train_classes))
 
 
 def check_same_classes(train: Sequence[str], val: Sequence[str], train_root: str, val_root: str) -> None:

@@ -89,6 +89,10 @@ class BatchAugmentLoader(_DaliLoader):
     Keyword options: ``file_list``, ``num_threads``, ``prefetch``, ``dtype`` ("float32"/"float16"),
     ``channels_last``, ``min_area``, ``pad``, ``color_jitter``, ``trivial_augment``, ``mean``,
     ``std`` (0..1 scale), ``hw_decoder_load``, ``preallocate_width_hint/height_hint``.
+
+    A file that fails to decode raises ``DecodeError`` naming it; ``state_dict()`` then resumes
+    with the batch that failed (replace the file and ``load_state_dict``), and after the file list
+    changed, ``set_epoch(epoch, step)`` continues at the same step of the new list's shuffle.
     """
 
     def __init__(
@@ -122,6 +126,7 @@ class BatchAugmentLoader(_DaliLoader):
             )
         self._epoch, self._step = 0, 0
         self._dali_state: Optional[bytes] = None  # DALI checkpoint matching (epoch, step)
+        self._skip = 0  # batches of this epoch's shuffle left out of its pipeline (set_epoch(e, step))
         self._live = None  # the DALI iterator of the epoch in progress
 
     @classmethod
@@ -143,9 +148,16 @@ class BatchAugmentLoader(_DaliLoader):
         """The epoch the next ``for`` loop will run (or is running)."""
         return self._epoch
 
-    def set_epoch(self, epoch: int) -> None:
-        """Start the next ``for`` loop at the beginning of ``epoch`` (like DistributedSampler)."""
-        self._epoch, self._step, self._dali_state = int(epoch), 0, None
+    def set_epoch(self, epoch: int, step: int = 0) -> None:
+        """Start the next ``for`` loop at the beginning of ``epoch`` (like DistributedSampler).
+
+        With ``step`` > 0 the loop starts at that batch of the epoch's shuffle instead, skipping
+        the earlier batches without decoding them; the augmentation draws are then fresh, not
+        those of an uninterrupted run (use ``load_state_dict`` for a bit-exact resume). This is
+        how a run continues after its file list changed (e.g. a broken image was excluded)."""
+        if not 0 <= int(step) < self._steps:
+            raise ValueError(f"step: expected 0 <= step < {self._steps} (steps per epoch); got {step}")
+        self._epoch, self._step, self._dali_state, self._skip = int(epoch), int(step), None, int(step)
 
     def _epoch_indices(self, epoch: int) -> np.ndarray:
         return train_shard_indices(len(self.dataset), self.batch_size, self.shard_id, self.num_shards, self.seed, epoch)
@@ -154,7 +166,10 @@ class BatchAugmentLoader(_DaliLoader):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         epoch, start = self._epoch, self._step
-        indices = self._epoch_indices(epoch)
+        # After set_epoch(e, step) the pipeline reads the epoch's files from batch `skip` on (its
+        # DALI checkpoints count from there too).
+        skip = self._skip if start > 0 else 0
+        indices = self._epoch_indices(epoch)[skip * self.batch_size:]
         files = [self.dataset.files[i] for i in indices]
         pipe = build_train_pipeline(
             files, self.dataset.labels[indices], batch_size=self.batch_size, num_views=self.num_views,
@@ -162,20 +177,27 @@ class BatchAugmentLoader(_DaliLoader):
             checkpoint=self._dali_state if start > 0 else None,
         )
         self._live = DALIGenericIterator([pipe], ["images", "labels"], auto_reset=False, prepare_first_batch=False)
+        failed = False
         try:
             for step in range(start, self._steps):
+                # The state that resumes with this batch: kept if loading it fails (a dead DALI
+                # pipeline cannot be asked afterwards), so the user can fix the file and resume here.
+                before = self._live.checkpoints()[0] if step > 0 else None
                 try:
                     out = next(self._live)[0]
                 except RuntimeError as exc:
+                    failed = True
+                    self._dali_state = before
                     # The failing batch is this one or one the pipeline prefetched after it.
-                    suspects = files[step * self.batch_size : (step + 1 + self._decode.prefetch) * self.batch_size]
+                    first = (step - skip) * self.batch_size
+                    suspects = files[first : first + (1 + self._decode.prefetch) * self.batch_size]
                     raise self._decode_error(exc, suspects) from None
                 batch = self._to_torch(out, self.num_views, grouped=self.layout == "grouped")
                 self._step = step + 1
                 yield batch
-            self._epoch, self._step, self._dali_state = epoch + 1, 0, None
+            self._epoch, self._step, self._dali_state, self._skip = epoch + 1, 0, None, 0
         finally:
-            if self._live is not None and 0 < self._step < self._steps and self._epoch == epoch:
+            if not failed and self._live is not None and 0 < self._step < self._steps and self._epoch == epoch:
                 # Stopped mid-epoch (break, max_steps, exception): keep the state to resume from.
                 # At interpreter exit DALI may already be torn down; then there is nothing to keep.
                 try:
@@ -191,7 +213,7 @@ class BatchAugmentLoader(_DaliLoader):
         if self._live is not None and 0 < self._step < self._steps:
             dali_state = self._live.checkpoints()[0]
         return {
-            "format": STATE_FORMAT, "epoch": self._epoch, "step": self._step, "dali": dali_state,
+            "format": STATE_FORMAT, "epoch": self._epoch, "step": self._step, "dali": dali_state, "skip": self._skip,
             "seed": self.seed, "num_files": len(self.dataset), "batch_size": self.batch_size,
             "num_views": self.num_views, "shard_id": self.shard_id, "num_shards": self.num_shards,
         }
@@ -205,9 +227,12 @@ class BatchAugmentLoader(_DaliLoader):
         differ = [f"{k}: saved {state[k]!r}, now {mine[k]!r}" for k in keys if state.get(k) != mine[k]]
         if differ:
             raise ValueError("loader state does not match this loader (" + "; ".join(differ) + ")")
-        if not 0 <= state["step"] <= self._steps or (0 < state["step"] and state["dali"] is None):
+        # step == steps (a state saved after an epoch's last batch) needs no DALI checkpoint: the next
+        # epoch starts afresh.
+        if not 0 <= state["step"] <= self._steps or (0 < state["step"] < self._steps and state["dali"] is None):
             raise ValueError(f"loader state has step {state['step']} of {self._steps} without a DALI checkpoint")
         self._epoch, self._step, self._dali_state = int(state["epoch"]), int(state["step"]), state["dali"]
+        self._skip = int(state.get("skip", 0))  # absent in states saved before set_epoch(e, step) existed
         if self._step == self._steps:
             self.set_epoch(self._epoch + 1)
 

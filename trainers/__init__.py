@@ -12,6 +12,7 @@ each hold one concern:
 - ``metrics.py``    metrics.jsonl (every key documented there), TensorBoard, accuracy
 - ``diagnostics.py`` gradient-noise statistics that explain batch augmentation
 - ``evaluate.py``   validation with one centre view or test-time averaging over views
+- ``faults.py``     faults every rank must agree on (a file that fails to decode), lost peers
 
 ``dali_ba`` never imports this package.
 """

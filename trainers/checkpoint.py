@@ -14,18 +14,22 @@ import random
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
-import torch
-
 from dali_ba.errors import UserError
 
+# torch and numpy are imported where they are used: resolve_resume runs before the trainer
+# imports torch, so that a wrong path fails in a fraction of a second.
+
 FORMAT = 1
+REQUIRED_KEYS = ("step", "model", "optimizer", "scaler", "loader", "rng", "config", "world_size", "best_top1",
+                 "diagnostics", "classes")
 LAST, BEST = "last.pt", "best.pt"
 
 # Keys whose change makes a resumed run a different run (or makes the state not load).
+# The training set itself may change (data.train_root / data.train_list, e.g. a broken image left
+# out): the classes must stay the same, and the loader then restarts the epoch's order (loop.py).
 MUST_MATCH = (
     "model.arch", "model.num_classes", "data.batch_size", "data.num_views", "data.image_size", "data.augment",
-    "data.train_list", "train.epochs", "train.seed", "train.amp", "train.view_chunks",
+    "train.epochs", "train.seed", "train.amp", "train.view_chunks",
 )
 MUST_MATCH_SECTIONS = ("optim", "schedule")
 
@@ -38,7 +42,31 @@ def checkpoint_dir(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
+def remove_stale_temporaries(directory: str | Path) -> List[Path]:
+    """Delete the temporary files of writes that never finished (a process killed inside
+    ``save_atomic``: ``.<name>.tmp-<pid>``), unless that process is still alive on this host."""
+    removed = []
+    for tmp in Path(directory).glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # its writer still runs (another run in the same folder?): leave it
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def save_atomic(obj: Any, path: str | Path) -> None:
+    import torch
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -84,12 +112,26 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Optional[Path]:
 
 
 def load(path: Path) -> Dict[str, Any]:
+    import torch
+
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # pickle, zip and IO errors all mean "not a usable checkpoint"
-        raise ResumeError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        raise ResumeError(f"cannot read checkpoint {path}: {type(exc).__name__}: {detail}") from None
+    if not isinstance(ckpt, dict) or "format" not in ckpt:
         raise ResumeError(f"{path} is not a dali-ba trainer checkpoint (format {FORMAT})")
+    if ckpt["format"] != FORMAT:
+        age = "an older" if isinstance(ckpt["format"], int) and ckpt["format"] < FORMAT else "another"
+        raise ResumeError(
+            f"{path} has checkpoint format {ckpt['format']!r}, written by {age} dali-ba; this one reads "
+            f"format {FORMAT}: resume it with the dali-ba that wrote it, or start afresh "
+            "(train.resume=none or another train.out_dir)"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise ResumeError(f"{path} is an incomplete checkpoint (no {', '.join(missing)}); start afresh with "
+                          "train.resume=none or another train.out_dir")
     return ckpt
 
 
@@ -122,6 +164,9 @@ def check_compatible(ckpt: dict, config: dict, world: int, path: Path) -> None:
 
 
 def rng_state() -> dict:
+    import numpy as np
+    import torch
+
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -131,6 +176,9 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -138,13 +186,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(paths, env, *, step, model, optimizer, scaler, loader, monitor, config, best_top1, schedule) -> None:
-    """Collective: gather every rank's loader and RNG state, rank 0 writes each of ``paths``."""
+def save_checkpoint(paths, env, *, step, model, optimizer, scaler, loader, monitor, config, best_top1, schedule,
+                    loader_state: Optional[dict] = None) -> None:
+    """Collective: gather every rank's loader and RNG state, rank 0 writes each of ``paths``.
+    ``loader_state``: this rank's loader state to save instead of the loader's current one."""
     from dataclasses import asdict
 
     from trainers import dist as tdist
 
-    loader_states = tdist.gather_objects(env, loader.state_dict())
+    loader_states = tdist.gather_objects(env, loader.state_dict() if loader_state is None else loader_state)
     rngs = tdist.gather_objects(env, rng_state())
     if env.is_main:
         state = {

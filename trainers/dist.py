@@ -51,7 +51,10 @@ def setup(timeout_s: int = 600) -> DistEnv:
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
-    control = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+    # The gloo control group needs the timeout too: without one it would wait 30 min (torch's default
+    # for new groups) for a rank that died, instead of train.dist_timeout_s.
+    timeout = timedelta(seconds=timeout_s)
+    control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, backend, control)
 
 

@@ -3,6 +3,13 @@
 One optimizer step per batch of B unique images × M views per rank; the loss is the mean over all
 M·B samples (and DDP averages the ranks); steps per epoch = N / (B · world), so with M > 1 the run
 has the same steps and LR schedule as the M=1 baseline unless a scaling rule says otherwise.
+
+Faults (docs/reliability.md): a signal (SIGTERM/SIGUSR1) sets a flag that the per-step collective
+carries, so every rank checkpoints after the same step and exits 0. A file that fails to decode
+stops every rank after a checkpoint of the last completed step whose loader state points at the
+failing batch (one more tiny collective per step when distributed, right after the batch is
+fetched, before any rank starts the step's DDP collectives). Resuming after the training set
+changed (a file left out) keeps the model, optimizer and step and restarts the epoch's order.
 """
 from __future__ import annotations
 
@@ -21,11 +28,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from dali_ba import BatchAugmentLoader, EvalLoader
-from dali_ba.config import Config, config_to_dict, save_config
+from dali_ba.config import Config, ConfigError, config_to_dict, save_config
+from dali_ba.dataset import align_classes
+from dali_ba.errors import DecodeError
 from trainers import checkpoint as ckpt
 from trainers import dist as tdist
 from trainers.diagnostics import GradNoiseMonitor
 from trainers.evaluate import evaluate
+from trainers.faults import DataFailure, gather_failure
 from trainers.metrics import MetricsLogger
 from trainers.models import build_model
 from trainers.optim import build_optimizer, set_lr
@@ -86,11 +96,6 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
     state = ckpt.load(resume_from) if resume_from is not None else None
     if state is not None:
         ckpt.check_compatible(state, config_to_dict(cfg), env.world, resume_from)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / PREEMPTED).unlink(missing_ok=True)
-        save_config(cfg, out / "config.yaml")
-    log = MetricsLogger(out / "metrics.jsonl", env.is_main, out / "tensorboard" if cfg.train.tensorboard else None)
 
     # -- data, model, optimizer ---------------------------------------------------------------
     seed = cfg.train.seed
@@ -101,7 +106,12 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
     if cfg.data.val_root:
         val = EvalLoader.from_config(cfg.data, batch_size=cfg.eval.batch_size, views=cfg.eval.views,
                                      channels_last=cfg.train.channels_last, seed=seed)
+        val.dataset = align_classes(val.dataset, loader.classes, cfg.data.train_root, cfg.data.val_root)
+    if 0 < cfg.model.num_classes < len(loader.classes):
+        raise ConfigError(f"model.num_classes: {cfg.model.num_classes} is fewer than the {len(loader.classes)} "
+                          f"classes of {cfg.data.train_root} (0 = take the number from the data)")
     B, M, K = cfg.data.batch_size, cfg.data.num_views, cfg.train.view_chunks
+    steps_per_epoch = len(loader)
     model = build_model(cfg.model.arch, cfg.model.num_classes or len(loader.classes))
     model = model.to(env.device, memory_format=fmt)
     optimizer = build_optimizer(model, cfg.optim)
@@ -109,20 +119,29 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
     amp_dtype = AMP_DTYPES[cfg.train.amp]
     autocast = lambda: torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    steps_per_epoch = len(loader)
     lr_at = build_schedule(cfg, steps_per_epoch, env.world)
     stop_at = min(lr_at.total_steps, cfg.train.max_steps or lr_at.total_steps)
     monitor = GradNoiseMonitor(cfg.diagnostics.every, B, M, env.world)
 
     # -- resume -------------------------------------------------------------------------------
-    step, best_top1 = 0, -1.0
+    step, best_top1, data_changed = 0, -1.0, None
     if state is not None:
         if state["classes"] != loader.classes:
             raise ckpt.ResumeError(f"cannot resume from {resume_from}: its classes differ from {cfg.data.train_root}'s")
-        try:
-            loader.load_state_dict(state["loader"][env.rank])
-        except ValueError as exc:  # e.g. the image folder changed since the checkpoint
-            raise ckpt.ResumeError(f"cannot resume from {resume_from}: {exc}") from None
+        saved_loader = state["loader"][env.rank]
+        if isinstance(saved_loader, dict) and saved_loader.get("num_files") not in (None, len(loader.dataset)):
+            # The training set changed (e.g. a broken image left out): its shuffles are not the
+            # checkpoint's any more. Continue at the same step, in a fresh order of the same epoch.
+            epoch_at, in_epoch = divmod(state["step"], steps_per_epoch)
+            loader.set_epoch(epoch_at, step=in_epoch)
+            data_changed = (f"the training set changed since {resume_from} ({saved_loader['num_files']} files then, "
+                            f"{len(loader.dataset)} now): model, optimizer and step {state['step']} resume; the data "
+                            f"order restarts at step {in_epoch} of epoch {epoch_at} with a new shuffle (not bit-exact)")
+        else:
+            try:
+                loader.load_state_dict(saved_loader)
+            except (ValueError, KeyError, TypeError) as exc:  # another loader, an older state format
+                raise ckpt.ResumeError(f"cannot resume from {resume_from}: {exc}") from None
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -130,6 +149,13 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
         ckpt.set_rng_state(state["rng"][env.rank])
         step, best_top1 = state["step"], state["best_top1"]
         del state
+    # Only now, with the data, the model and the checkpoint accepted, does the run touch out_dir.
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / PREEMPTED).unlink(missing_ok=True)
+        ckpt.remove_stale_temporaries(ckpt.checkpoint_dir(out))  # left by a process killed mid-write
+        save_config(cfg, out / "config.yaml")
+    log = MetricsLogger(out / "metrics.jsonl", env.is_main, out / "tensorboard" if cfg.train.tensorboard else None)
     ddp = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None) if env.distributed else model
     monitor.attach(ddp)
 
@@ -137,12 +163,31 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
         with autocast():
             return criterion(ddp(x).float(), y)
 
-    def save(paths):
+    def save(paths, loader_state=None):
         ckpt.save_checkpoint(paths, env, step=step, model=model, optimizer=optimizer, scaler=scaler, loader=loader,
-                             monitor=monitor, config=config_to_dict(cfg), best_top1=best_top1, schedule=lr_at)
+                             monitor=monitor, config=config_to_dict(cfg), best_top1=best_top1, schedule=lr_at,
+                             loader_state=loader_state)
+
+    def stop_on_data_failure(message: str, loader_state=None, validation: bool = False):
+        """Every rank: checkpoint the last completed step (the loader at the batch that failed), stop."""
+        last_pt = ckpt.checkpoint_dir(out) / ckpt.LAST
+        save([last_pt], loader_state)
+        log.log("event", step, step / steps_per_epoch, event="stopped", reason="decode_error", message=message)
+        log.close()
+        if validation:
+            advice = (f"replace or remove the file(s) under {cfg.data.val_root} and run again to resume at step {step} "
+                      "(the evaluation that failed is not repeated)")
+        else:
+            advice = (f"replace the file(s) and run again to resume exactly there, or leave them out (data.train_list= "
+                      f"a clean list) and run again to resume at step {step} with the epoch re-shuffled")
+        raise DataFailure(f"{message}; training stopped after step {step} and saved {last_pt}: {advice}") from None
 
     log.log("event", step, step / steps_per_epoch, event="start", world=env.world, steps_per_epoch=steps_per_epoch,
             total_steps=lr_at.total_steps, stop_at=stop_at, resumed_from=str(resume_from) if resume_from else None)
+    if data_changed is not None:
+        log.log("event", step, step / steps_per_epoch, event="data_changed", message=data_changed)
+        if env.is_main:
+            print(f"trainers.train: warning: {data_changed}", file=sys.stderr, flush=True)
     loss_sum, n_steps, data_time, step_time = torch.zeros((), device=env.device), 0, 0.0, 0.0
     preempted, last_eval = None, None
 
@@ -154,7 +199,16 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
               mininterval=0.5 if sys.stderr.isatty() else 60) as bar, closing(endless(loader)) as batches:
         while step < stop_at:
             t0 = time.perf_counter()
-            images, labels = (t.to(env.device, non_blocking=True) for t in next(batches))
+            resume_state = loader.state_dict()  # resumes with the batch fetched next (~0.1 ms)
+            try:
+                batch, failure = next(batches), None
+            except DecodeError as exc:
+                batch, failure = None, exc
+            # Before any rank starts this step's collectives: did every rank get its batch?
+            if tdist.all_reduce_sum(env, [float(failure is not None)])[0] > 0:
+                stop_on_data_failure(gather_failure(env, failure), resume_state)
+            images, labels = (t.to(env.device, non_blocking=True) for t in batch)
+            del batch
             t_data = time.perf_counter()
             lr = lr_at(step)
             set_lr(optimizer, lr)
@@ -193,10 +247,14 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
 
             paths = []
             if val is not None and (last or due(cfg.train.eval_every)):
-                last_eval = evaluate(model, val, env, autocast, fmt)
+                try:
+                    last_eval = evaluate(model, val, env, autocast, fmt)
+                except DataFailure as exc:  # every rank gets it; the training state is consistent
+                    stop_on_data_failure(str(exc), validation=True)
                 log.log("eval", step, epoch, **last_eval)
-                bar.write(f"step {step}: val_top1 {last_eval['val_top1']:.2f}%  val_top5 {last_eval['val_top5']:.2f}%  "
-                          f"val_loss {last_eval['val_loss']:.4f}")
+                if env.is_main:
+                    bar.write(f"step {step}: val_top1 {last_eval['val_top1']:.2f}%  "
+                              f"val_top5 {last_eval['val_top5']:.2f}%  val_loss {last_eval['val_loss']:.4f}")
                 if last_eval["val_top1"] > best_top1:
                     best_top1 = last_eval["val_top1"]
                     paths.append(ckpt.checkpoint_dir(out) / ckpt.BEST)

@@ -47,7 +47,12 @@ estimators). Gradient norms are of the mean-loss gradient, in image units (an im
     probe                which probe ran: "view" or "half"; probe_view: the view index
 
 ``kind: "event"`` — ``event`` is ``start`` (with ``resumed_from`` when resuming), ``preempted``
-(a signal arrived; a checkpoint was saved) or ``end``.
+(a signal arrived; a checkpoint was saved), ``stopped`` (``reason: decode_error``, ``message``: a
+file failed to decode; a checkpoint was saved), ``data_changed`` (resumed on a changed training
+set, ``message``) or ``end``.
+
+A process killed while writing can leave a last line without its newline: the next run starts on a
+new line, and readers skip a line that is not valid JSON.
 """
 from __future__ import annotations
 
@@ -80,7 +85,14 @@ class MetricsLogger:
             return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        torn = False
+        if path.exists() and path.stat().st_size > 0:
+            with open(path, "rb") as f:
+                f.seek(-1, 2)
+                torn = f.read(1) != b"\n"
         self._file = open(path, "a", buffering=1)
+        if torn:  # the previous process died mid-line: keep our lines whole
+            self._file.write("\n")
         if tensorboard_dir is not None:
             self._tb = SummaryWriter(str(tensorboard_dir))
 
@@ -119,7 +131,10 @@ def read_metrics(path: str | Path, kind: Optional[str] = None) -> list:
     rows: dict = {}
     for line in Path(path).read_text().splitlines():
         if line.strip():
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a killed process
+                continue
             if kind is None or row.get("kind") == kind:
                 key = (row.get("kind"), row.get("step"), row.get("event"))
                 rows.pop(key, None)

@@ -2,7 +2,8 @@
 
 Also under torchrun (``torchrun --nproc_per_node=N [--nnodes ... --rdzv-*] -m trainers.train ...``)
 and ``dali-ba train``. Expected errors (bad config, missing resume path, undecodable files) print
-one line and exit 2; a pre-empted run (SIGTERM/SIGUSR1) saves a checkpoint and exits 0.
+one line and exit 2; a pre-empted run (SIGTERM/SIGUSR1) saves a checkpoint and exits 0; a rank whose
+peer died or hung (a failed collective) prints one line and exits 1.
 """
 from __future__ import annotations
 
@@ -29,16 +30,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     try:
         cfg = load_config(args.config, overrides)
-        from trainers.loop import run
+        _preflight(cfg)
+        from trainers.loop import run  # torch, DALI: seconds to import
 
         return run(cfg)
     except UserError as exc:
-        rank = os.environ.get("RANK")
-        prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-        print(f"{prefix}trainers.train: error: {exc}", file=sys.stderr, flush=True)
+        if getattr(exc, "all_ranks", False) and os.environ.get("RANK", "0") != "0":
+            return 2  # every rank has the same message: rank 0 prints it
+        _error_line(str(exc))
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - only collectives that lost a peer become one line
+        from trainers.faults import lost_peer, lost_peer_message
+
+        if os.environ.get("WORLD_SIZE", "1") != "1" and lost_peer(exc):
+            _error_line(lost_peer_message(exc))
+            return 1
+        raise
+
+
+def _preflight(cfg) -> None:
+    """The mistakes that need no torch to find (a wrong path), found before torch is imported."""
+    from dali_ba.dataset import check_dataset_paths
+    from trainers.checkpoint import resolve_resume
+
+    check_dataset_paths(cfg.data.train_root, cfg.data.train_list)
+    if cfg.data.val_root is not None:
+        check_dataset_paths(cfg.data.val_root)
+    resolve_resume(cfg.train.resume, cfg.train.out_dir)
+
+
+def _error_line(message: str) -> None:
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    print(f"{prefix}trainers.train: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """``dali-ba data verify``: find every file DALI cannot decode, each with a reason.
 
-Cheap checks first (missing, a directory, unreadable, 0 bytes), then a real DALI CPU decode in
-batches. DALI's decode errors do not name the file (``nvImageCodec failure: '#4'``) and leave the
+Cheap checks first (missing, a directory, unreadable, 0 bytes, not an image format DALI decodes;
+with a pixel limit, the header's size), by a pool of reader threads one batch ahead of the decoder,
+then a real DALI CPU decode (DALI's own threads) in batches. DALI's decode errors do not name the file (``nvImageCodec failure: '#4'``) and leave the
 pipeline dead, so a failed batch is split in halves on a fresh pipeline until the culprits are
 single files. Good batches cost one decode; each bad file costs about log2(batch) extra runs.
 """
@@ -11,6 +12,7 @@ import argparse
 import os
 import re
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +21,17 @@ import numpy as np
 
 from dali_ba.errors import UserError
 
-# Leading bytes of the formats DALI decodes; used only to make a failure's reason clearer.
+# 100 MP (10000x10000): in the loader ~1.5 GB and a few seconds of one core per such image.
+DEFAULT_MAX_PIXELS = 100_000_000
+_PIL_LIMIT_LOCK = threading.Lock()  # image_pixels lifts PIL's own limit for one header read
+
+# Leading bytes of image formats. Files that are none of DALI's formats never reach DALI: its CPU
+# decoder, given content it does not recognise (text, random bytes) in a batch of 64, fails with
+# nvImageCodec '#4' but now and then (within 20 to 150 such batches here) crashes the process with
+# a segmentation fault in a DALI thread instead (DALI 2.4, CPU); recognised but broken files
+# (500 batches with a truncated JPEG) and one-file batches (2,000 runs) fail cleanly.
+DALI_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "JPEG 2000", "WebP", "PNM")
+NOT_DECODED_BY_DALI = ("GIF",)
 _SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"BM": "BMP",
                b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"\x00\x00\x00\x0cjP  ": "JPEG 2000",
                b"\xffO\xffQ": "JPEG 2000", b"GIF8": "GIF"}
@@ -64,6 +76,11 @@ def _cheap_check(path: str) -> tuple[str | None, np.ndarray | None]:
         return f"cannot read it: {exc.strerror or exc}", None
     if data.size == 0:  # e.g. a file truncated between stat and read
         return "empty file (0 bytes)", None
+    kind = _sniff(data[:16].tobytes())
+    if kind is None:
+        return f"DALI cannot decode it: content is not a known image format (starts with {data[:12].tobytes()!r})", None
+    if kind in NOT_DECODED_BY_DALI:
+        return f"DALI cannot decode it: a {kind} image (DALI decodes {', '.join(DALI_FORMATS)})", None
     return None, data
 
 
@@ -127,33 +144,92 @@ class _Decoder:
         return self.find_bad(items[:mid]) + self.find_bad(items[mid:])
 
 
-def find_undecodable(paths: Sequence[str], num_threads: int = 2, batch_size: int = 64,
-                     progress: bool = True) -> list[BadFile]:
-    """Return only the files DALI cannot decode (in input order), each with a reason."""
+@dataclass(frozen=True)
+class VerifyReport:
+    """``bad``: files DALI cannot decode (or read); ``large``: files over the pixel limit (not
+    decoded: each would cost about 10 bytes and 75 ns of one core per pixel in the loader)."""
+
+    bad: list
+    large: list
+
+
+def image_pixels(data: np.ndarray) -> tuple[int, str] | None:
+    """(pixel count, "WxH") from the file's header (PIL reads only the header), or None when PIL
+    does not know the format or the header is broken (DALI's decode then decides)."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: we judge the size ourselves
+            with Image.open(io.BytesIO(data.tobytes())) as im:
+                w, h = im.size
+                return w * h, f"{w}x{h}"
+    except Image.DecompressionBombError:  # above PIL's own limit: read the header without it
+        with _PIL_LIMIT_LOCK:
+            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                with Image.open(io.BytesIO(data.tobytes())) as im:
+                    w, h = im.size
+                    return w * h, f"{w}x{h}"
+            except Exception:  # noqa: BLE001
+                return None
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
+    except Exception:  # noqa: BLE001 - not readable by PIL: no size, DALI decides
+        return None
+
+
+def verify_files(paths: Sequence[str], num_threads: int = 2, batch_size: int = 64, progress: bool = True,
+                 max_pixels: int = 0) -> VerifyReport:
+    """Check every file: read it (``num_threads`` reader threads, a batch ahead of the decoder),
+    then decode it with DALI (``num_threads`` DALI threads). With ``max_pixels`` > 0 a file whose
+    header says it has more pixels is reported as large and not decoded."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     if batch_size < 1 or num_threads < 1:
         raise UserError(f"batch_size and num_threads must be >= 1, got {batch_size}, {num_threads}")
+    paths = [str(p) for p in paths]
+
+    def read(path: str):
+        reason, data = _cheap_check(path)
+        size = image_pixels(data) if data is not None and max_pixels > 0 else None
+        return path, reason, data, size
+
     decoder = _Decoder(batch_size, num_threads)
     bad: list[BadFile] = []
-    pending: list[tuple[str, np.ndarray]] = []
-    with tqdm(total=len(paths), desc="verify", unit="img",
-              disable=None if progress else True) as bar:
-        for i, path in enumerate(paths):
-            path = str(path)
-            reason, data = _cheap_check(path)
-            if reason is not None:
-                bad.append(BadFile(path, reason))
-            else:
-                pending.append((path, data))
-            if len(pending) == batch_size or (i == len(paths) - 1 and pending):
+    large: list[BadFile] = []
+    chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    with ThreadPoolExecutor(num_threads, thread_name_prefix="verify-read") as pool, \
+            tqdm(total=len(paths), desc="verify", unit="img", disable=None if progress else True) as bar:
+        ahead = [pool.submit(read, p) for p in chunks[0]] if chunks else []
+        for k in range(len(chunks)):
+            results = [f.result() for f in ahead]
+            ahead = [pool.submit(read, p) for p in chunks[k + 1]] if k + 1 < len(chunks) else []
+            pending = []
+            for path, reason, data, size in results:
+                if reason is not None:
+                    bad.append(BadFile(path, reason))
+                elif size is not None and size[0] > max_pixels:
+                    large.append(BadFile(path, f"too large to train on: {size[1]} = {size[0] / 1e6:.1f} MP > "
+                                               f"{max_pixels / 1e6:g} MP (--max-pixels; 0 = no limit); not decoded"))
+                else:
+                    pending.append((path, data))
+            if pending:
                 bad.extend(decoder.find_bad(pending))
-                bar.update(len(pending))
-                pending = []
-            if reason is not None:
-                bar.update()
-    order = {str(p): i for i, p in enumerate(paths)}
-    return sorted(bad, key=lambda b: order[b.path])
+            bar.update(len(results))
+    order = {p: i for i, p in enumerate(paths)}
+    return VerifyReport(sorted(bad, key=lambda b: order[b.path]), sorted(large, key=lambda b: order[b.path]))
+
+
+def find_undecodable(paths: Sequence[str], num_threads: int = 2, batch_size: int = 64,
+                     progress: bool = True) -> list[BadFile]:
+    """Return only the files DALI cannot decode (in input order), each with a reason."""
+    return verify_files(paths, num_threads, batch_size, progress).bad
 
 
 _single: _Decoder | None = None
@@ -180,26 +256,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2,
                         help="DALI decode threads (default: all cores)")
     parser.add_argument("--batch-size", type=int, default=64, help="files per DALI batch")
+    parser.add_argument("--max-pixels", type=float, default=DEFAULT_MAX_PIXELS, metavar="N",
+                        help="report images with more pixels than this as too large and leave them out of "
+                             "the clean list, without decoding them (default: %(default).0f; 0 = no limit)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from dali_ba.dataset import scan_image_folder
+    from dali_ba.dataset import ignored_entries, scan_image_folder
 
-    dataset = scan_image_folder(args.root, file_list=args.file_list)
-    bad = find_undecodable(dataset.files, num_threads=args.threads, batch_size=args.batch_size)
-    for item in bad:
+    if args.max_pixels < 0:
+        raise UserError(f"--max-pixels: expected a value >= 0; got {args.max_pixels:g}")
+    dataset = scan_image_folder(args.root, file_list=args.file_list, allow_empty_classes=True)
+    report = verify_files(dataset.files, num_threads=args.threads, batch_size=args.batch_size,
+                          max_pixels=int(args.max_pixels))
+    for item in report.bad + report.large:
         print(f"{item.path}: {item.reason}")
+    empty = []
+    if args.file_list is None:  # a folder scan: class folders that hold no image
+        counts = np.bincount(dataset.labels, minlength=len(dataset.classes))
+        empty = [str(Path(dataset.root, c)) for c, n in zip(dataset.classes, counts) if n == 0]
+        for folder in empty:
+            print(f"{folder}: class folder with no images (training refuses it: add images or remove the "
+                  f"folder; a clean list keeps its label)")
     total = len(dataset.files)
-    if bad:
-        print(f"{len(bad)} of {total} files cannot be decoded by DALI "
+    if report.bad:
+        print(f"{len(report.bad)} of {total} files cannot be decoded by DALI "
               f"(remove them, or train from a clean list: --write-clean-list)")
-    else:
+    if report.large:
+        print(f"{len(report.large)} of {total} files have more than {args.max_pixels:.0f} pixels "
+              f"(left out of the clean list; --max-pixels 0 keeps them)")
+    if not report.bad and not report.large:
         print(f"all {total} files under {args.root} decode with DALI")
+    if args.file_list is None:
+        ignored = ignored_entries(dataset.root)
+        if ignored:
+            shown = ", ".join(os.path.relpath(p, dataset.root) for p in ignored[:3])
+            print(f"ignored {len(ignored)} hidden or non-image entries, as the loader does (e.g. {shown})")
     if args.write_clean_list:
-        bad_paths = {b.path for b in bad}
+        left_out = {b.path for b in report.bad + report.large}
         out = Path(args.write_clean_list)
         lines = [f"{os.path.relpath(path, dataset.root)} {int(label)}"
-                 for path, label in zip(dataset.files, dataset.labels) if path not in bad_paths]
+                 for path, label in zip(dataset.files, dataset.labels) if path not in left_out]
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_name(out.name + ".tmp")
@@ -207,6 +304,6 @@ def run(args: argparse.Namespace) -> int:
             os.replace(tmp, out)  # a reader never sees a half-written list
         except OSError as exc:
             raise UserError(f"cannot write the clean list {out}: {exc.strerror or exc}") from exc
-        print(f"wrote {len(lines)} decodable files to {out} "
+        print(f"wrote {len(lines)} usable files to {out} "
               f"(use it as a file list with root {dataset.root})")
-    return 1 if bad else 0
+    return 1 if report.bad or report.large or empty else 0
