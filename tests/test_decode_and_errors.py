@@ -89,11 +89,13 @@ def test_num_views_zero_in_the_api_is_named(image_folder):
         BatchAugmentLoader(image_folder, num_views=0, device="cpu")
 
 
-@pytest.mark.parametrize("content", [b"this is a text file, not a JPEG\n" * 20, "random"])
-def test_broken_file_met_while_loading_is_named(tmp_path, content):
+# Not text or random bytes: DALI 2.4's CPU decoder now and then crashes the process (instead of
+# raising) on non-image content inside a batch (docs/reliability.md); `verify` screens those out.
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_broken_file_met_while_loading_is_named(tmp_path, damage):
     write_image_folder(tmp_path, classes=2, per_class=8)
     broken = tmp_path / "class_1" / "003.jpg"
-    broken.write_bytes(np.random.default_rng(0).bytes(4000) if content == "random" else content)
+    broken.write_bytes(broken.read_bytes()[:300] if damage == "truncated" else b"")
     loader = BatchAugmentLoader(tmp_path, batch_size=4, num_views=2, image_size=16, num_threads=1, device="cpu")
     with pytest.raises(DecodeError) as info:
         for _ in loader:
