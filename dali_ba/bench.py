@@ -322,8 +322,9 @@ def plot_loader(record: dict, path: str) -> None:
     ax_v.legend(fontsize=8)
     s, m = record["settings"], record["machine"]
     where = m["gpu"]["name"] if m.get("gpu") and s["device"] == "cuda" else f"{m['cpu']} ({m['usable_cpus']} CPUs)"
+    env = " ".join(f"{k}={v}" for k, v in (record.get("environment") or {}).items())
     fig.suptitle(f"Loader throughput, B={s['batch_size']}, {s['threads']} threads/workers, "
-                 f"{s['image_size']}px, {s['device']} — {where}", fontsize=9)
+                 f"{s['image_size']}px, {s['device']} — {where}" + (f" — {env}" if env else ""), fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

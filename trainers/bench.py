@@ -13,6 +13,9 @@ timed ones, the same model, optimizer and batch shape (B·M views of the config'
 
 ``real ÷ synthetic`` throughput near 1 and a small wait fraction: the model is the bottleneck.
 A large wait fraction: the run is data-bound (more DALI threads, GPU decoding, or fewer views).
+A small wait fraction but ``real ÷ synthetic`` well below 1: the loader keeps up only by taking
+CPU from the model (a CPU-only run, where DALI's threads and torch's share the cores);
+``compute_slowdown`` (real step time without the wait ÷ synthetic step time) shows how much.
 """
 from __future__ import annotations
 
@@ -125,17 +128,26 @@ def main(argv=None) -> int:
     real_ips = sum(x["steps"] * b for x in real) / sum(x["seconds"] for x in real)
     syn_ips = sum(x["steps"] * b for x in syn) / sum(x["seconds"] for x in syn)
     wait_fraction = sum(x["data_wait_s"] for x in real) / sum(x["seconds"] for x in real)
+    compute_per_step = sum(x["seconds"] - x["data_wait_s"] for x in real) / sum(x["steps"] for x in real)
+    synthetic_per_step = sum(x["seconds"] for x in syn) / sum(x["steps"] for x in syn)
+    if wait_fraction > 0.1:
+        verdict = "data-bound: the loader cannot keep up"
+    elif real_ips / syn_ips < 0.8:
+        verdict = "the loader keeps up but takes compute from the model (shared CPU cores)"
+    else:
+        verdict = "model-bound"
     summary = {
         "real_images_per_s": real_ips, "real_samples_per_s": real_ips * m,
         "synthetic_images_per_s": syn_ips, "synthetic_samples_per_s": syn_ips * m,
         "real_vs_synthetic": real_ips / syn_ips, "data_wait_fraction": wait_fraction,
-        "data_bound": wait_fraction > 0.1,
+        "compute_slowdown": compute_per_step / synthetic_per_step,
+        "data_bound": wait_fraction > 0.1, "verdict": verdict,
     }
     print(f"| phase | images/s | samples/s (×M={m}) |\n|---|---:|---:|\n"
           f"| real pipeline | {real_ips:.1f} | {real_ips * m:.1f} |\n"
           f"| synthetic on {device.type} | {syn_ips:.1f} | {syn_ips * m:.1f} |\n\n"
-          f"real ÷ synthetic: {summary['real_vs_synthetic']:.2f}; data-wait fraction: {wait_fraction:.1%}"
-          f" ({'data-bound' if summary['data_bound'] else 'model-bound'}); model {cfg.model.arch}, "
+          f"real ÷ synthetic: {summary['real_vs_synthetic']:.2f}; data-wait fraction: {wait_fraction:.1%}; "
+          f"compute slowdown {summary['compute_slowdown']:.2f}× ({verdict}); model {cfg.model.arch}, "
           f"B={b}, M={m}, {size}px, device {device.type}, DALI threads {cfg.data.num_threads}")
     if args.json:
         from dataclasses import asdict
