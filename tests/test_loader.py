@@ -176,3 +176,12 @@ def test_m1_is_an_ordinary_dali_training_pipeline(image_folder):
 def test_batch_larger_than_shard_is_a_clear_error(image_folder):
     with pytest.raises(DatasetError, match="needs at least 64 images"):
         BatchAugmentLoader(image_folder, batch_size=32, num_shards=2, shard_id=0, device="cpu")
+
+
+def test_trivial_augment_and_colour_jitter_per_view(image_folder):
+    """Per-view automatic augmentation (DALI conditionals) still gives M distinct views."""
+    images, _ = first_batch(image_folder, num_views=3, layout="grouped", trivial_augment=True, color_jitter=0.4)
+    assert images.shape == (4, 3, 3, 24, 24) and torch.isfinite(images).all()
+    for b in range(4):
+        for i, j in itertools.combinations(range(3), 2):
+            assert not torch.equal(images[b, i], images[b, j])
