@@ -6,7 +6,7 @@ import platform
 import statistics as st
 from pathlib import Path
 
-DIAG_KEYS = ("noise_trace", "noise_scale", "grad_norm2", "view_grad_var_rel")
+DIAG_KEYS = ("noise_trace", "noise_scale", "grad_norm2", "view_grad_var_rel", "ba_var_reduction")
 
 
 def _curves(run: dict, out: Path, read_metrics) -> dict | None:
@@ -51,7 +51,10 @@ def analyse(results: list[dict]) -> dict:
         findings["groups"][f"M={views} budget={budget:g}"] = {
             "views": views, "budget": budget, "seeds": [r["seed"] for r in runs], "steps": runs[0]["eval"][-1]["step"],
             "final_top1": [r["final_top1"] for r in runs], "mean": mean, "sd": sd,
-            "wall_s_mean": st.mean(r["wall_s"] for r in runs)}
+            "wall_s_mean": st.mean(r["wall_s"] for r in runs),
+            # Medians over all measurements of all seeds: single measurements are very noisy.
+            "diag_median": {k: st.median(v) for k in DIAG_KEYS
+                            if (v := [d[k] for r in runs for d in r["diag"] if d.get(k) is not None])}}
     if base and ba:
         paired = {r["seed"]: r["final_top1"] for r in base}
         gains = [r["final_top1"] - paired[r["seed"]] for r in ba if r["seed"] in paired]
@@ -77,6 +80,13 @@ def _markdown(findings: dict) -> str:
     for name, g in findings["groups"].items():
         per_seed = ", ".join(f"{v:.2f}" for v in g["final_top1"])
         lines.append(f"| {name} | {g['steps']} | {g['mean']:.2f} ± {g['sd']:.2f} | {per_seed} | {g['wall_s_mean']:.0f} |")
+    diag = {name: g["diag_median"] for name, g in findings["groups"].items() if g["budget"] == 1.0 and g["diag_median"]}
+    if diag:
+        lines += ["", "| run (full budget) | median tr(Σ) per image | median B_simple | median variance reduction (M=1 ÷ BA) |",
+                  "|---|---|---|---|"]
+        for name, d in diag.items():
+            cells = [f"{d[k]:.3g}" if k in d else "–" for k in ("noise_trace", "noise_scale", "ba_var_reduction")]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     eq, few = findings.get("equal_steps"), findings.get("fewer_steps")
     if eq:
         lines += ["", f"Equal steps: M=4 − M=1 per seed = {', '.join(f'{g:+.2f}' for g in eq['gain_per_seed'])} points; "
@@ -112,22 +122,27 @@ def _plot(results: list[dict], out: Path) -> list[str]:
         fig.tight_layout(), fig.savefig(out / name, dpi=110), plt.close(fig)
         written.append(name)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "noise_trace", "tr(Σ) of the per-image gradient"),
-                           (axes[1], "noise_scale", "B_simple = tr(Σ)/|G|² (images)")):
+    panels = ((axes[0], "noise_trace", "tr(Σ): per-image gradient variance (rolling median)"),
+              (axes[1], "ba_var_reduction", "M=4: gradient variance of M=1 ÷ of BA (rolling median)"))
+    for ax, key, title in panels:
         for r in results:
-            if r["budget"] != 1.0 or not r["diag"]:
-                continue
-            pts = [(d["step"], d[key]) for d in r["diag"] if d.get(key) is not None and d[key] > 0]
-            if pts:
-                ax.plot(*zip(*pts), color=colours[(r["views"], 1.0)], alpha=0.7,
+            pts = [(d["step"], d[key]) for d in r["diag"] if d.get(key) is not None] if r["budget"] == 1.0 else []
+            if len(pts) >= 5:  # single measurements scatter over decades: show a 5-point rolling median
+                steps = [p[0] for p in pts[2:-2]]
+                smooth = [st.median(v for _, v in pts[i - 2:i + 3]) for i in range(2, len(pts) - 2)]
+                ax.plot(steps, smooth, color=colours[(r["views"], 1.0)], alpha=0.8,
                         label=f"M={r['views']}" if r["seed"] == 0 else None)
-        ax.set_yscale("log"), ax.set_xlabel("SGD steps"), ax.set_title(title), ax.grid(alpha=0.3), ax.legend()
+        ax.set_xlabel("SGD steps"), ax.set_title(title, fontsize=10), ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    axes[1].axhline(1.0, color="grey", ls="--", lw=1)
     fig.tight_layout(), fig.savefig(out / "gradient_noise.png", dpi=110), plt.close(fig)
     return written + ["gradient_noise.png"]
 
 
 def write_report(runs: list[dict], out: Path, read_metrics) -> str:
-    results = [c for r in runs if (c := _curves(r, out, read_metrics)) is not None]
+    # Only finished runs: a run still in progress (or interrupted) would bias the means.
+    results = [c for r in runs if (c := _curves(r, out, read_metrics)) is not None and c["finished"]]
     if not results:
         return "no finished runs yet"
     findings = analyse(results)
