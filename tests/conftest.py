@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 
@@ -40,3 +41,30 @@ def index_of(image_chw) -> int:
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def write_trainer_data(root: Path) -> Path:
+    """Train (4 classes × 16) and val (4 × 5) folders of small JPEGs for trainer tests."""
+    write_image_folder(root / "train", classes=4, per_class=16, size_range=(32, 48))  # 64 images
+    write_image_folder(root / "val", classes=4, per_class=5, seed=1, size_range=(32, 48))  # 20 images
+    return root
+
+
+def tiny(data: Path, out: Path, **sections) -> dict:
+    """A trainer config dict: B=8, M=2, 24×24, smallnet -> 8 steps per epoch, 2 epochs."""
+    values = {
+        "data": {"train_root": str(data / "train"), "val_root": str(data / "val"), "batch_size": 8, "num_views": 2,
+                 "image_size": 24, "augment": "cifar", "num_threads": 1, "device": "cpu"},
+        "model": {"arch": "smallnet"},
+        "optim": {"lr": 0.2, "reference_batch": 8},
+        "schedule": {"kind": "cosine", "warmup_epochs": 0.5},
+        "train": {"epochs": 2, "out_dir": str(out), "resume": "auto"},
+    }
+    for section, keys in sections.items():
+        values.setdefault(section, {}).update(keys)
+    return values
+
+
+def write_yaml(values: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(values))
+    return path

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from conftest import write_image_folder
+from conftest import tiny, write_trainer_data, write_yaml
 from dali_ba.config import config_from_dict, load_config
 from trainers import checkpoint as ckpt
 from trainers.loop import PREEMPTED, run
@@ -29,29 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trainer_data")
-    write_image_folder(root / "train", classes=4, per_class=16, size_range=(32, 48))  # 64 images
-    write_image_folder(root / "val", classes=4, per_class=5, seed=1, size_range=(32, 48))  # 20 images
-    return root
-
-
-def tiny(data: Path, out: Path, **sections) -> dict:
-    """A config dict: B=8, M=2, 24×24, smallnet -> 8 steps per epoch, 2 epochs."""
-    values = {
-        "data": {"train_root": str(data / "train"), "val_root": str(data / "val"), "batch_size": 8, "num_views": 2,
-                 "image_size": 24, "augment": "cifar", "num_threads": 1, "device": "cpu"},
-        "model": {"arch": "smallnet"},
-        "optim": {"lr": 0.2, "reference_batch": 8},
-        "schedule": {"kind": "cosine", "warmup_epochs": 0.5},
-        "train": {"epochs": 2, "out_dir": str(out), "resume": "auto"},
-    }
-    for section, keys in sections.items():
-        values.setdefault(section, {}).update(keys)
-    return values
-
-
-def write_yaml(values: dict, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(values))
-    return path
+    return write_trainer_data(root)
 
 
 def last_checkpoint(out: Path) -> dict:
