@@ -50,10 +50,10 @@ def write_trainer_data(root: Path) -> Path:
     return root
 
 
-def tiny(data: Path, out: Path, **sections) -> dict:
+def tiny(root: Path, out: Path, /, **sections) -> dict:
     """A trainer config dict: B=8, M=2, 24×24, smallnet -> 8 steps per epoch, 2 epochs."""
     values = {
-        "data": {"train_root": str(data / "train"), "val_root": str(data / "val"), "batch_size": 8, "num_views": 2,
+        "data": {"train_root": str(root / "train"), "val_root": str(root / "val"), "batch_size": 8, "num_views": 2,
                  "image_size": 24, "augment": "cifar", "num_threads": 1, "device": "cpu"},
         "model": {"arch": "smallnet"},
         "optim": {"lr": 0.2, "reference_batch": 8},
