@@ -17,7 +17,8 @@ from dali_ba.augment import AugmentSpec
 from dali_ba.config import ConfigError, DataConfig
 from dali_ba.dataset import Dataset, scan_image_folder
 from dali_ba.errors import DatasetError, DecodeError
-from dali_ba.pipeline import DecodeOptions, build_eval_pipeline, build_train_pipeline, resolve_device
+from dali_ba.pipeline import (DecodeOptions, abandon_pipeline, build_eval_pipeline, build_train_pipeline,
+                              resolve_device)
 from dali_ba.sharding import augment_seed, eval_shard_indices, resolve_shard, steps_per_epoch, train_shard_indices
 
 STATE_FORMAT = 1
@@ -65,12 +66,20 @@ class _DaliLoader:
         b, m = images.shape[:2]
         return images.flatten(0, 1), labels.repeat_interleave(m)
 
+    def _next(self, iterator, pipe, suspects: Sequence[str]) -> dict:
+        """The next DALI output; a failure abandons the dead pipeline and names the file(s) at fault."""
+        try:
+            return next(iterator)[0]
+        except RuntimeError as exc:
+            abandon_pipeline(pipe)  # destroying a failed pipeline can crash DALI 2.4
+            raise self._decode_error(exc, suspects) from None
+
     def _decode_error(self, exc: Exception, candidates: Sequence[str]) -> DecodeError:
-        """DALI's decode errors rarely name the file: decode the suspects one by one to find it."""
-        from dali_ba.data.verify import decode_check_one
+        """DALI's decode errors rarely name the file: decode the suspects again (bisecting) to find it."""
+        from dali_ba.data.verify import find_undecodable
 
         dali_msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        bad = [(p, r) for p in candidates for r in [decode_check_one(p)] if r is not None]
+        bad = [(b.path, b.reason) for b in find_undecodable(candidates, num_threads=1, progress=False)]
         hint = f"run `dali-ba data verify {self.dataset.root}` to list every such file (and write a clean file list)"
         if bad:
             named = "; ".join(f"{p} ({r})" for p, r in bad[:10])
@@ -183,15 +192,15 @@ class BatchAugmentLoader(_DaliLoader):
                 # The state that resumes with this batch: kept if loading it fails (a dead DALI
                 # pipeline cannot be asked afterwards), so the user can fix the file and resume here.
                 before = self._live.checkpoints()[0] if step > 0 else None
+                # The failing batch is this one or one the pipeline prefetched after it.
+                first = (step - skip) * self.batch_size
+                suspects = files[first : first + (1 + self._decode.prefetch) * self.batch_size]
                 try:
-                    out = next(self._live)[0]
-                except RuntimeError as exc:
+                    out = self._next(self._live, pipe, suspects)
+                except DecodeError:
                     failed = True
                     self._dali_state = before
-                    # The failing batch is this one or one the pipeline prefetched after it.
-                    first = (step - skip) * self.batch_size
-                    suspects = files[first : first + (1 + self._decode.prefetch) * self.batch_size]
-                    raise self._decode_error(exc, suspects) from None
+                    raise
                 batch = self._to_torch(out, self.num_views, grouped=self.layout == "grouped")
                 self._step = step + 1
                 yield batch
@@ -297,11 +306,8 @@ class EvalLoader(_DaliLoader):
         iterator = DALIGenericIterator([pipe], ["images", "labels"], auto_reset=False, prepare_first_batch=False)
         try:
             for step in range(len(self)):
-                try:
-                    out = next(iterator)[0]
-                except RuntimeError as exc:
-                    suspects = files[step * self.batch_size : (step + 1 + self._decode.prefetch) * self.batch_size]
-                    raise self._decode_error(exc, suspects) from None
+                suspects = files[step * self.batch_size : (step + 1 + self._decode.prefetch) * self.batch_size]
+                out = self._next(iterator, pipe, suspects)
                 valid = min(self.batch_size, self.num_samples - step * self.batch_size)  # drop the padding
                 images, labels = self._to_torch(out, self.views, grouped=True)
                 images, labels = images[:valid], labels[:valid]

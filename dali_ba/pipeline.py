@@ -162,3 +162,22 @@ def resolve_device(device: str) -> str:
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device: expected auto, cpu or cuda; got {device!r}")
     return device
+
+
+def abandon_pipeline(pipe) -> None:
+    """Let go of a DALI pipeline that failed, without destroying it.
+
+    A pipeline that raised is dead ("no longer valid") and DALI 2.4 now and then crashes the whole
+    process with a segmentation fault while destroying one (``Pipeline._shutdown``), seen in 2 of 5
+    test runs that decoded a truncated JPEG. Its C++ half is therefore kept alive, idle, until the
+    process exits: a bounded leak (one pipeline per decode failure) instead of a crash that would lose
+    the checkpoint we write after the error.
+    """
+    import ctypes
+
+    backend = getattr(pipe, "_pipe", None)
+    if backend is None:
+        return
+    # One reference that is never released: not even interpreter shutdown frees the object.
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(backend))
+    pipe._pipe = None  # Pipeline._shutdown (from __del__ and DALI's atexit hook) now does nothing

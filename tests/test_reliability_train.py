@@ -79,7 +79,9 @@ def file_at_step(train: Path, step: int, seed: int = 0) -> Path:
 
 
 def error_lines(stderr: str) -> list:
-    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("train:")]  # tqdm
+    """Our lines on stderr: without tqdm's bar and DALI's own C++ codec log ("[ERROR] [libjpeg...")."""
+    return [line for line in stderr.splitlines()
+            if line.strip() and not line.startswith("train:") and "[libjpeg_turbo_decoder]" not in line]
 
 
 # ----------------------------------------------------------------------------- bad data

@@ -2,16 +2,20 @@
 
 Cheap checks first (missing, a directory, unreadable, 0 bytes, not an image format DALI decodes;
 with a pixel limit, the header's size), by a pool of reader threads one batch ahead of the decoder,
-then a real DALI CPU decode (DALI's own threads) in batches. DALI's decode errors do not name the file (``nvImageCodec failure: '#4'``) and leave the
-pipeline dead, so a failed batch is split in halves on a fresh pipeline until the culprits are
-single files. Good batches cost one decode; each bad file costs about log2(batch) extra runs.
+then a real DALI CPU decode (DALI's own threads) in batches. DALI's decode errors do not name the
+file (``nvImageCodec failure: '#4'``) and leave the pipeline dead, so a failed batch is split in
+halves on a fresh one-thread pipeline until the culprits are single files. Good batches cost one
+decode; each bad file costs about log2(batch) extra runs.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import stat
+import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from dali_ba.errors import UserError
+from dali_ba.pipeline import abandon_pipeline
 
 # 100 MP (10000x10000): in the loader ~1.5 GB and a few seconds of one core per such image.
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -84,7 +89,37 @@ def _cheap_check(path: str) -> tuple[str | None, np.ndarray | None]:
     return None, data
 
 
-def _dali_reason(exc: Exception, data: np.ndarray) -> str:
+@contextlib.contextmanager
+def _native_stderr_captured():
+    """Yield a list that receives what C++ code wrote to file descriptor 2 meanwhile.
+
+    DALI's codecs log every failed decode there (``[ERROR] [libjpeg_turbo_decoder] ... Premature end
+    of JPEG data``): while we bisect, those lines are expected noise, and the last one is often a
+    better reason than DALI's exception ("Failed to decode sample").
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    captured: list[str] = []
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read().decode(errors="replace"))
+
+
+def _codec_message(native_log: str) -> str | None:
+    """The last codec error line of ``native_log``, without colour codes and logger tags."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in native_log.splitlines() if "[ERROR]" in line]
+    if not lines:
+        return None
+    return re.sub(r"^(\s*\[[^\]]*\]\s*)+", "", lines[-1]).strip() or None
+
+
+def _dali_reason(exc: Exception, data: np.ndarray, native_log: str = "") -> str:
     """The meaningful line of a DALI error (the first lines are 'Critical error in pipeline')."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if "encountered:" in lines:
@@ -94,6 +129,9 @@ def _dali_reason(exc: Exception, data: np.ndarray) -> str:
     msg = lines[0] if lines else type(exc).__name__
     # The sample index refers to the one-file batch we decoded: noise for the user.
     msg = re.sub(r"\s*sample #\d+\s*:?\s*$", " sample", msg).rstrip(" :")
+    codec = _codec_message(native_log)
+    if codec:
+        msg = f"{msg}: {codec}"
     kind = _sniff(data[:16].tobytes())
     hint = f" (looks like {kind}: corrupt or truncated)" if kind else \
         " (content is not a known image format)"
@@ -106,6 +144,8 @@ class _Decoder:
     def __init__(self, batch_size: int, num_threads: int):
         self.batch_size, self.num_threads = batch_size, num_threads
         self._pipe = None
+        self._bisector: _Decoder | None = None
+        self.native_log = ""
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
@@ -121,27 +161,37 @@ class _Decoder:
         return pipe
 
     def decode(self, samples: list[np.ndarray]) -> None:
-        """Decode one batch (<= batch_size samples); raises DALI's error if any sample fails."""
+        """Decode one batch (<= batch_size samples); raises DALI's error if any sample fails (what
+        DALI's codecs logged meanwhile is kept in ``native_log``, not shown)."""
         if self._pipe is None:
             self._pipe = self._build()
+        captured: list[str] = []
         try:
-            self._pipe.feed_input("encoded", samples)
-            self._pipe.run()
+            with _native_stderr_captured() as captured:
+                self._pipe.feed_input("encoded", samples)
+                self._pipe.run()
         except Exception:
-            self._pipe = None  # dead after any error: "pipeline object is no longer valid"
+            # Dead after any error ("pipeline object is no longer valid"); destroying it can crash.
+            abandon_pipeline(self._pipe)
+            self._pipe = None
             raise
+        finally:
+            self.native_log = "".join(captured)
 
     def find_bad(self, items: list[tuple[str, np.ndarray]]) -> list[BadFile]:
-        """Decode ``items``; on failure bisect on fresh pipelines down to the failing files."""
+        """Decode ``items``; on failure bisect down to the failing files."""
         try:
             self.decode([data for _, data in items])
             return []
         except Exception as exc:  # DALI raises RuntimeError; anything else is also a failure
             if len(items) == 1:
-                return [BadFile(items[0][0], _dali_reason(exc, items[0][1]))]
+                return [BadFile(items[0][0], _dali_reason(exc, items[0][1], self.native_log))]
+        if self._bisector is None:
+            # One thread: every failed pipeline is kept (see abandon_pipeline), and so its threads.
+            self._bisector = self if self.num_threads == 1 else _Decoder(self.batch_size, num_threads=1)
         mid = len(items) // 2
         # If both halves decode the batch failed for no single file's sake: nothing to name.
-        return self.find_bad(items[:mid]) + self.find_bad(items[mid:])
+        return self._bisector.find_bad(items[:mid]) + self._bisector.find_bad(items[mid:])
 
 
 @dataclass(frozen=True)
