@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from dali_ba.augment import AugmentSpec
+from dali_ba.buffers import ReusedBuffers
 from dali_ba.config import ConfigError, DataConfig
 from dali_ba.dataset import Dataset, scan_image_folder
 from dali_ba.errors import DatasetError, DecodeError
@@ -48,6 +49,7 @@ class _DaliLoader:
         if "std" in options:
             options["std"] = tuple(options["std"])
         self.spec = AugmentSpec(recipe=augment, image_size=int(image_size), **options)
+        self._buffers = ReusedBuffers()
 
     @property
     def classes(self) -> list:
@@ -55,7 +57,7 @@ class _DaliLoader:
 
     def _to_torch(self, out: dict, num_views: int, grouped: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         """Copy out of DALI's buffers and give the batch its layout (channels_last stays a view)."""
-        images = out["images"].clone()  # owned by torch from here on
+        images = self._buffers.copy(out["images"])  # the caller's from here on (DALI reuses its own)
         labels = out["labels"].reshape(-1).to(device=images.device, dtype=torch.long, non_blocking=True)
         if num_views == 1 and images.dim() == 4:
             images = images.unsqueeze(1)
