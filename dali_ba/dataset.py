@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -70,12 +70,7 @@ def scan_image_folder(root: str | Path, file_list: Optional[str | Path] = None, 
     empty: List[str] = []
     for label, name in enumerate(classes):
         class_dir = root / name
-        found = sorted(
-            str(Path(dirpath, f).resolve())
-            for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True)
-            for f in filenames
-            if _is_image(f) and not any(part.startswith(".") for part in Path(dirpath).relative_to(class_dir).parts)
-        )
+        found = sorted(_class_images(str(class_dir.resolve())))
         if not found:
             empty.append(str(class_dir))
         files.extend(found)
@@ -89,11 +84,22 @@ def scan_image_folder(root: str | Path, file_list: Optional[str | Path] = None, 
     return Dataset(str(root.resolve()), files, np.asarray(labels, dtype=np.int32), classes)
 
 
+def _class_images(class_dir: str) -> Iterator[str]:
+    """Image files under ``class_dir`` (an absolute, resolved path), hidden folders skipped.
+
+    Paths are joined, not resolved one by one: ``Path.resolve`` per file made the scan of
+    70,000 files take 8 s (ImageNet's 1.28 million would take minutes)."""
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        yield from (os.path.join(dirpath, f) for f in filenames if _is_image(f))
+
+
 def _read_file_list(root: Path, file_list: Path) -> Dataset:
     if not file_list.is_file():
         raise DatasetError(f"file list not found: {file_list}")
     files: List[str] = []
     labels: List[int] = []
+    base = str(root.resolve())
     for number, line in enumerate(file_list.read_text().splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -101,7 +107,7 @@ def _read_file_list(root: Path, file_list: Path) -> Dataset:
         path, _, label = line.rpartition(" ")
         if not path or not label.lstrip("-").isdigit() or int(label) < 0:
             raise DatasetError(f"{file_list}:{number}: expected 'relative/path label', got {line!r}")
-        files.append(str((root / path).resolve()))
+        files.append(os.path.normpath(os.path.join(base, path)))
         labels.append(int(label))
     if not files:
         raise DatasetError(f"file list {file_list} lists no images")
