@@ -228,3 +228,19 @@ def test_dali_ba_train_runs_the_trainer(data, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "done: step 3/16" in done.stdout and "val_top1" in done.stdout
     assert last_checkpoint(tmp_path / "run")["config"]["data"]["num_views"] == 1
+
+
+def test_compiled_training_follows_the_eager_run_and_saves_plain_weights(data, tmp_path):
+    """train.compile=true (torch.compile, inductor on the CPU): the same losses as eager up to
+    float rounding, and a checkpoint that an eager run loads (no `_orig_mod.` keys)."""
+    losses = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compile-{compiled}"
+        assert run(config_from_dict(tiny(data, out, train={"compile": compiled}, diagnostics={"every": 4}))) == 0
+        losses[compiled] = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(losses[True]) == len(losses[False]) == 16
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3, abs=1e-4)
+    eager, compiled = last_checkpoint(tmp_path / "compile-False"), last_checkpoint(tmp_path / "compile-True")
+    assert eager["model"].keys() == compiled["model"].keys()
+    for key, value in eager["model"].items():
+        assert torch.allclose(value.float(), compiled["model"][key].float(), rtol=1e-3, atol=1e-4), key

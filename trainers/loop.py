@@ -158,10 +158,16 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
     log = MetricsLogger(out / "metrics.jsonl", env.is_main, out / "tensorboard" if cfg.train.tensorboard else None)
     ddp = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None) if env.distributed else model
     monitor.attach(ddp)
+    # Compiled once for the training batch shape; the diagnostics' probes (other shapes) and the
+    # evaluation (eval mode) run eagerly rather than compile a graph each for a few calls.
+    net = torch.compile(ddp) if cfg.train.compile else ddp
 
-    def loss_fn(x, y):
+    def loss_fn(x, y, net=net):
         with autocast():
-            return criterion(ddp(x).float(), y)
+            return criterion(net(x).float(), y)
+
+    def eager_loss_fn(x, y):
+        return loss_fn(x, y, net=ddp)
 
     def save(paths, loader_state=None):
         ckpt.save_checkpoint(paths, env, step=step, model=model, optimizer=optimizer, scaler=scaler, loader=loader,
@@ -214,7 +220,7 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
             set_lr(optimizer, lr)
             diagnose = monitor.due(step)
             if diagnose:
-                monitor.probe(ddp, images, labels, loss_fn, scaler.get_scale() if scaler.is_enabled() else 1.0)
+                monitor.probe(ddp, images, labels, eager_loss_fn, scaler.get_scale() if scaler.is_enabled() else 1.0)
             loss_sum += forward_backward(ddp, images, labels, loss_fn, scaler, K, B, M, fmt)
             if scaler.is_enabled():
                 scaler.unscale_(optimizer)
