@@ -138,7 +138,7 @@ class TrainConfig:
     resume: str = "auto"  # auto | none | a run directory | a checkpoint file
     amp: str = "off"
     channels_last: bool = False
-    compile: bool = False  # torch.compile the training forward/backward (eval and diagnostics stay eager)
+    compile: bool = False  # torch.compile the training step and the evaluation (diagnostic probes stay eager)
     view_chunks: int = 1  # split the M·B batch into view-major chunks with gradient accumulation
     eval_every: int = 0  # steps; 0 = at the end of every epoch
     checkpoint_every: int = 0  # steps; 0 = at the end of every epoch

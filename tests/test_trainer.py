@@ -231,15 +231,19 @@ def test_dali_ba_train_runs_the_trainer(data, tmp_path):
 
 
 def test_compiled_training_follows_the_eager_run_and_saves_plain_weights(data, tmp_path):
-    """train.compile=true (torch.compile, inductor on the CPU): the same losses as eager up to
-    float rounding, and a checkpoint that an eager run loads (no `_orig_mod.` keys)."""
-    losses = {}
+    """train.compile=true (torch.compile, inductor on the CPU): the same training and validation
+    losses as eager up to float rounding, and a checkpoint an eager run loads (no `_orig_mod.` keys)."""
+    losses, evals = {}, {}
     for compiled in (False, True):
         out = tmp_path / f"compile-{compiled}"
         assert run(config_from_dict(tiny(data, out, train={"compile": compiled}, diagnostics={"every": 4}))) == 0
-        losses[compiled] = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+        rows = read_metrics(out / "metrics.jsonl")
+        losses[compiled] = [r["loss"] for r in rows if r["kind"] == "train"]
+        evals[compiled] = [r["val_loss"] for r in rows if r["kind"] == "eval"]
     assert len(losses[True]) == len(losses[False]) == 16
     assert losses[True] == pytest.approx(losses[False], rel=1e-3, abs=1e-4)
+    assert len(evals[True]) == len(evals[False]) == 2
+    assert evals[True] == pytest.approx(evals[False], rel=1e-3, abs=1e-4)
     eager, compiled = last_checkpoint(tmp_path / "compile-False"), last_checkpoint(tmp_path / "compile-True")
     assert eager["model"].keys() == compiled["model"].keys()
     for key, value in eager["model"].items():

@@ -158,9 +158,10 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
     log = MetricsLogger(out / "metrics.jsonl", env.is_main, out / "tensorboard" if cfg.train.tensorboard else None)
     ddp = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None) if env.distributed else model
     monitor.attach(ddp)
-    # Compiled once for the training batch shape; the diagnostics' probes (other shapes) and the
-    # evaluation (eval mode) run eagerly rather than compile a graph each for a few calls.
+    # Compiled once for the training batch shape and once for evaluation (eval mode, the unwrapped
+    # model); the diagnostics' probes (other shapes, a few calls) run eagerly.
     net = torch.compile(ddp) if cfg.train.compile else ddp
+    eval_net = torch.compile(model) if cfg.train.compile else model
 
     def loss_fn(x, y, net=net):
         with autocast():
@@ -254,7 +255,7 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
             paths = []
             if val is not None and (last or due(cfg.train.eval_every)):
                 try:
-                    last_eval = evaluate(model, val, env, autocast, fmt)
+                    last_eval = evaluate(eval_net, val, env, autocast, fmt)
                 except DataFailure as exc:  # every rank gets it; the training state is consistent
                     stop_on_data_failure(str(exc), validation=True)
                 log.log("eval", step, epoch, **last_eval)
@@ -271,7 +272,7 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
             if preempted:
                 break
     if not preempted and val is not None and last_eval is None:  # resumed a finished run: report it again
-        last_eval = evaluate(model, val, env, autocast, fmt)
+        last_eval = evaluate(eval_net, val, env, autocast, fmt)
         log.log("eval", step, step / steps_per_epoch, **last_eval)
 
     if preempted:
