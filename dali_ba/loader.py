@@ -4,7 +4,8 @@
 image-major (b0v0, b0v1, …, b1v0, …) with labels repeated M times; ``grouped`` layout
 ``[B, M, C, H, W]`` with ``[B]`` labels. One ``for`` loop is one epoch. Tensors are copied out of
 DALI's buffers (DALI's iterator hands out zero-copy views that the next batch overwrites), so a
-batch may be kept as long as you like. ``EvalLoader`` yields every image of its shard exactly once.
+batch may be kept as long as you like (``buffers.ReusedBuffers`` recycles only the memory of
+batches nobody holds any more). ``EvalLoader`` yields every image of its shard exactly once.
 """
 from __future__ import annotations
 
