@@ -28,6 +28,12 @@ class ReusedBuffers:
         self.capacity = capacity
         self._pool: List[Tuple[torch.Tensor, int]] = []  # (buffer, its storage use count when idle)
 
+    def clear(self) -> None:
+        """Forget every buffer (the caller's batches stay valid). The loaders call this when an
+        epoch's pipeline goes: buffers kept across the pipeline's rebuild fragmented the heap
+        (RSS crept up by ~1 MB per epoch in a 20-epoch test)."""
+        self._pool.clear()
+
     def copy(self, src: torch.Tensor) -> torch.Tensor:
         if src.device.type != "cpu" or _use_count is None or self.capacity == 0:
             return src.clone()

@@ -217,6 +217,7 @@ class BatchAugmentLoader(_DaliLoader):
                 except (AttributeError, RuntimeError):
                     pass
             self._live = None
+            self._buffers.clear()
             del pipe
 
     def state_dict(self) -> dict:
@@ -316,6 +317,7 @@ class EvalLoader(_DaliLoader):
                 images, labels = images[:valid], labels[:valid]
                 yield (images[:, 0] if self.views == 1 else images), labels
         finally:
+            self._buffers.clear()
             del iterator, pipe
 
 

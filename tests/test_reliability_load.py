@@ -8,8 +8,11 @@ epochs (so that a difference can only come from the augmentation, not from diffe
 """
 from __future__ import annotations
 
-import gc
 import itertools
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,29 +23,44 @@ from PIL import Image
 from conftest import index_of, write_image_folder, write_indexed_folder
 from dali_ba import BatchAugmentLoader
 
+REPO = Path(__file__).resolve().parents[1]
 
-def rss_mb() -> float:
+
+# Runs in a fresh process: RSS of the pytest process also carries what earlier tests left behind
+# (heaps of other tests' pipelines, failed pipelines kept alive on purpose), which is not the loader's.
+TWENTY_EPOCHS = """
+import gc, json, sys
+from pathlib import Path
+from dali_ba import BatchAugmentLoader
+
+def rss_mb():
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+
+loader = BatchAugmentLoader(sys.argv[1], batch_size=8, num_views=4, image_size=48, augment="imagenet",
+                            color_jitter=0.4, device="cpu", num_threads=2, seed=1)
+per_epoch = []
+for epoch in range(20):
+    batches = 0
+    for images, labels in loader:
+        assert images.shape == (32, 3, 48, 48)
+        batches += 1
+    assert batches == 8 and loader.epoch == epoch + 1
+    gc.collect()
+    per_epoch.append(rss_mb())
+print(json.dumps(per_epoch))
+"""
 
 
 @pytest.mark.slow
 def test_twenty_epochs_without_memory_growth(tmp_path):
     """The loader builds a DALI pipeline per epoch (sharding.py): 20 of them must not leak."""
     root = write_image_folder(tmp_path / "d", classes=4, per_class=16, size_range=(60, 120))  # 64 images
-    loader = BatchAugmentLoader(root, batch_size=8, num_views=4, image_size=48, augment="imagenet", color_jitter=0.4,
-                                device="cpu", num_threads=2, seed=1)
-    per_epoch = []
-    for epoch in range(20):
-        batches = 0
-        for images, labels in loader:
-            assert images.shape == (32, 3, 48, 48)
-            batches += 1
-        assert batches == 8 and loader.epoch == epoch + 1
-        gc.collect()
-        per_epoch.append(rss_mb())
+    done = subprocess.run([sys.executable, "-c", TWENTY_EPOCHS, str(root)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    per_epoch = json.loads(done.stdout.strip().splitlines()[-1])
     print("\nRSS after each epoch (MB):", [round(x, 1) for x in per_epoch])
     growth = per_epoch[-1] - per_epoch[2]
     print(f"growth from epoch 3 to epoch 20: {growth:+.1f} MB (max {max(per_epoch[2:]) - per_epoch[2]:+.1f} MB)")
