@@ -50,6 +50,20 @@ def write_trainer_data(root: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Trainer data (``write_trainer_data``), fresh per test module; the DDP test modules define
+    their own ``data`` (an indexed train folder) in its place."""
+    return write_trainer_data(tmp_path_factory.mktemp("trainer_data"))
+
+
+def last_checkpoint(out: Path) -> dict:
+    """``OUT/checkpoints/last.pt`` of a trainer run, loaded."""
+    from trainers import checkpoint as ckpt
+
+    return ckpt.load(out / "checkpoints" / ckpt.LAST)
+
+
 def tiny(root: Path, out: Path, /, **sections) -> dict:
     """A trainer config dict: B=8, M=2, 24×24, smallnet -> 8 steps per epoch, 2 epochs."""
     values = {

@@ -180,16 +180,19 @@ def test_gpu_settings_refuse_clearly_without_a_gpu(image_folder, capsys, extra):
     assert "dali-ba: error:" in err and ("GPU" in err or "--device cuda" in err)
 
 
-def test_cli_train_reports_the_data_wait_fraction(tmp_path, image_folder):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cli_train_reports_the_data_wait_fraction(tmp_path, image_folder, compiled):
     config = tmp_path / "tiny.yaml"
     config.write_text(f"data:\n  train_root: {image_folder}\n  batch_size: 4\n  num_views: 2\n  image_size: 16\n"
                       "  device: cpu\n  num_threads: 1\nmodel:\n  arch: smallnet\n")
     out = tmp_path / "train.json"
     proc = subprocess.run([sys.executable, "-m", "dali_ba.cli", "bench", "train", "--config", str(config),
-                           "--steps", "2", "--warmup", "1", "--rounds", "1", "--json", str(out), "data.num_views=3"],
-                          capture_output=True, text=True, timeout=120)
+                           "--steps", "2", "--warmup", "1", "--rounds", "1", "--json", str(out), "data.num_views=3",
+                           f"train.compile={str(compiled).lower()}"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "data-wait fraction" in proc.stdout
     summary = json.loads(out.read_text())["summary"]
     assert 0.0 <= summary["data_wait_fraction"] <= 1.0
     assert summary["real_samples_per_s"] == pytest.approx(3 * summary["real_images_per_s"])
+    assert summary["compiled"] is compiled

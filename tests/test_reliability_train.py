@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny, write_trainer_data, write_yaml
+from conftest import last_checkpoint, tiny, write_yaml
 from dali_ba import BatchAugmentLoader
 from dali_ba.config import config_from_dict
 from trainers import checkpoint as ckpt
@@ -39,16 +39,6 @@ TRAIN = [sys.executable, "-m", "trainers.train"]
 STEPS = 16  # 64 images // B=8 = 8 steps per epoch, 2 epochs
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("rel_train_data")
-    return write_trainer_data(root)
-
-
-def last(out: Path) -> dict:
-    return ckpt.load(out / "checkpoints" / ckpt.LAST)
-
-
 def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -62,7 +52,7 @@ def reference(data, tmp_path_factory) -> Path:
     """The uninterrupted run every interrupted one must reproduce bit for bit."""
     out = tmp_path_factory.mktemp("reference") / "run"
     assert run(config_from_dict(tiny(data, out))) == 0
-    assert last(out)["step"] == STEPS
+    assert last_checkpoint(out)["step"] == STEPS
     return out
 
 
@@ -99,15 +89,15 @@ def test_decode_error_saves_a_checkpoint_and_the_fixed_run_resumes_bit_exact(dat
     lines = error_lines(done.stderr)
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert f"cannot decode {victim}" in lines[0] and "training stopped after step 5" in lines[0]
-    state = last(tmp_path / "run")
+    state = last_checkpoint(tmp_path / "run")
     assert state["step"] == 5 and (state["loader"][0]["epoch"], state["loader"][0]["step"]) == (0, 5)
     stopped = read_metrics(tmp_path / "run" / "metrics.jsonl", "event")[-1]
     assert stopped["event"] == "stopped" and stopped["reason"] == "decode_error" and str(victim) in stopped["message"]
 
     victim.write_bytes(original)  # the user replaces the file
     assert run(config_from_dict(values)) == 0
-    resumed = last(tmp_path / "run")
-    assert resumed["step"] == STEPS and same_weights(resumed["model"], last(reference)["model"])
+    resumed = last_checkpoint(tmp_path / "run")
+    assert resumed["step"] == STEPS and same_weights(resumed["model"], last_checkpoint(reference)["model"])
     assert losses(tmp_path / "run") == losses(reference)
 
 
@@ -124,7 +114,7 @@ def test_decode_error_then_the_file_left_out_resumes_on_the_clean_list(data, tmp
     config = write_yaml(values, tmp_path / "run.yaml")
     assert train_main(["--config", str(config)]) == 2
     assert str(victim) in capsys.readouterr().err
-    assert last(tmp_path / "run")["step"] == 3
+    assert last_checkpoint(tmp_path / "run")["step"] == 3
 
     clean = tmp_path / "clean.txt"
     assert cli.main(["data", "verify", str(train), "--write-clean-list", str(clean)]) == 1
@@ -133,7 +123,7 @@ def test_decode_error_then_the_file_left_out_resumes_on_the_clean_list(data, tmp
     err = capsys.readouterr().err
     assert "warning: the training set changed" in err and "64 files then, 63 now" in err
     assert "restarts at step 3 of epoch 0" in err
-    state = last(tmp_path / "run")
+    state = last_checkpoint(tmp_path / "run")
     assert state["step"] == 2 * (63 // 8) and state["loader"][0]["num_files"] == 63  # 7 steps per epoch now
     events = [r["event"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl", "event")]
     assert events[-3:] == ["start", "data_changed", "end"]
@@ -153,7 +143,7 @@ def test_decode_error_during_validation_saves_and_stops(data, tmp_path, capsys):
     assert train_main(["--config", str(config)]) == 2
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and f"validation: cannot decode {victim} (empty file (0 bytes))" in lines[0]
-    assert last(tmp_path / "run")["step"] == 8  # the first evaluation is at the end of epoch 0
+    assert last_checkpoint(tmp_path / "run")["step"] == 8  # the first evaluation is at the end of epoch 0
     victim.write_bytes(original)
     assert train_main(["--config", str(config)]) == 0
     # the failed evaluation is not repeated; the next one runs as scheduled
@@ -275,13 +265,13 @@ def test_kill_9_in_the_middle_of_writing_a_checkpoint_keeps_the_previous_one(dat
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     leftovers = list((out / "checkpoints").glob(".last.pt.tmp-*"))
     assert len(leftovers) == 1 and leftovers[0].stat().st_size > 0  # the half-written file
-    assert last(out)["step"] == 4  # saves at steps 2, 4, then killed while writing step 6
+    assert last_checkpoint(out)["step"] == 4  # saves at steps 2, 4, then killed while writing step 6
 
     assert run(config_from_dict(tiny(data, out, train={"checkpoint_every": 2}))) == 0  # resume=auto
     assert not list((out / "checkpoints").glob(".*tmp*"))  # the stale temporary is gone
     starts = [r for r in read_metrics(out / "metrics.jsonl", "event") if r["event"] == "start"]
     assert starts[-1]["step"] == 4
-    assert same_weights(last(out)["model"], last(reference)["model"])
+    assert same_weights(last_checkpoint(out)["model"], last_checkpoint(reference)["model"])
 
 
 def test_a_metrics_line_torn_by_a_kill_is_skipped_and_the_next_run_starts_a_new_line(tmp_path):
@@ -339,7 +329,7 @@ def test_kill_9_at_random_moments_never_corrupts_and_the_run_still_ends_bit_exac
         new = _metrics_lines(out)[seen:]
         start = json.loads(next(line for line in new if '"event": "start"' in line))
         assert start["step"] == previous  # this run resumed from the previous kill's checkpoint
-        state_step = last(out)["step"] if (out / "checkpoints" / ckpt.LAST).exists() else 0  # never half a file
+        state_step = last_checkpoint(out)["step"] if (out / "checkpoints" / ckpt.LAST).exists() else 0  # never half a file
         last_step = max(previous, _last_train_step(new))  # a run resumed at its end logs no train line
         assert previous <= state_step <= last_step
         trials.append({"killed_after_step": last_step, "last_pt_step": state_step})
@@ -350,8 +340,8 @@ def test_kill_9_at_random_moments_never_corrupts_and_the_run_still_ends_bit_exac
     done = subprocess.run([*TRAIN, "--config", str(config)], cwd=REPO, env=ENV, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    final = last(out)
-    assert final["step"] == STEPS and same_weights(final["model"], last(reference)["model"])
+    final = last_checkpoint(out)
+    assert final["step"] == STEPS and same_weights(final["model"], last_checkpoint(reference)["model"])
     assert losses(out) == losses(reference)  # the re-run steps logged the same losses again
 
 
@@ -375,4 +365,4 @@ def test_same_config_and_seed_give_the_same_loss_curve_in_separate_processes(dat
     assert curve["a"] != curve["other_seed"]
     evals = {name: read_metrics(tmp_path / name / "metrics.jsonl", "eval")[-1]["val_loss"] for name in runs}
     assert evals["a"] == evals["a_again"]
-    assert same_weights(last(tmp_path / "a")["model"], last(tmp_path / "a_again")["model"])
+    assert same_weights(last_checkpoint(tmp_path / "a")["model"], last_checkpoint(tmp_path / "a_again")["model"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny, write_trainer_data, write_yaml
+from conftest import last_checkpoint, tiny, write_yaml
 from dali_ba.config import config_from_dict, load_config
 from trainers import checkpoint as ckpt
 from trainers.loop import PREEMPTED, run
@@ -23,16 +23,6 @@ from trainers.metrics import read_metrics
 from trainers.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("trainer_data")
-    return write_trainer_data(root)
-
-
-def last_checkpoint(out: Path) -> dict:
-    return ckpt.load(out / "checkpoints" / ckpt.LAST)
 
 
 def test_run_writes_config_metrics_and_checkpoints(data, tmp_path):
