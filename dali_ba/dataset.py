@@ -95,8 +95,7 @@ def _class_images(class_dir: str) -> Iterator[str]:
 
 
 def _read_file_list(root: Path, file_list: Path) -> Dataset:
-    if not file_list.is_file():
-        raise DatasetError(f"file list not found: {file_list}")
+    """The ``relative/path label`` lines of ``file_list`` (already checked by ``check_dataset_paths``)."""
     files: List[str] = []
     labels: List[int] = []
     base = str(root.resolve())

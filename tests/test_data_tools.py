@@ -268,7 +268,7 @@ def test_decode_check_one(mixed_folder):
     root, good, bad = mixed_folder
     assert all(decode_check_one(p) is None for p in good)
     assert all(decode_check_one(p) for p in bad)
-    assert decode_check_one(good[0]) is None  # the shared decoder survives earlier failures
+    assert decode_check_one(good[0]) is None  # earlier failures leave later checks unaffected
 
 
 def test_verify_cli_exit_codes_and_clean_list(mixed_folder, tmp_path, run_cli, capsys):

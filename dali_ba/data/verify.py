@@ -282,18 +282,9 @@ def find_undecodable(paths: Sequence[str], num_threads: int = 2, batch_size: int
     return verify_files(paths, num_threads, batch_size, progress).bad
 
 
-_single: _Decoder | None = None
-
-
 def decode_check_one(path: str) -> str | None:
-    """Why DALI cannot decode ``path``, or None if it decodes (for naming a loader's culprit)."""
-    global _single
-    reason, data = _cheap_check(str(path))
-    if reason is not None:
-        return reason
-    if _single is None:  # reused across calls: a loader may check a whole batch one by one
-        _single = _Decoder(batch_size=1, num_threads=1)
-    bad = _single.find_bad([(str(path), data)])
+    """Why DALI cannot decode ``path``, or None if it decodes."""
+    bad = find_undecodable([str(path)], num_threads=1, batch_size=1, progress=False)
     return bad[0].reason if bad else None
 
 
