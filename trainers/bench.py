@@ -52,10 +52,12 @@ def main(argv=None) -> int:
     from dali_ba.config import load_config
     from dali_ba.errors import UserError
     from dali_ba.loader import BatchAugmentLoader
+    from trainers.host_memory import keep_freed_host_memory
     from trainers.models import build_model
     from trainers.optim import build_optimizer, set_lr
 
     args = parse_args(argv)
+    keep_freed_host_memory()  # as the trainer does, so the benchmark measures the same steps
     try:
         if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
             raise UserError("--steps and --rounds must be >= 1, --warmup >= 0")

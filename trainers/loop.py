@@ -36,6 +36,7 @@ from trainers import dist as tdist
 from trainers.diagnostics import GradNoiseMonitor
 from trainers.evaluate import evaluate
 from trainers.faults import DataFailure, gather_failure
+from trainers.host_memory import keep_freed_host_memory
 from trainers.metrics import MetricsLogger
 from trainers.models import build_model
 from trainers.optim import build_optimizer, set_lr
@@ -294,6 +295,7 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
 
 def run(cfg: Config) -> int:
     """Train under torchrun or as one process; returns the exit code (0 also when pre-empted)."""
+    keep_freed_host_memory()  # CPU steps would otherwise page-fault their activations in anew
     env = tdist.setup(cfg.train.dist_timeout_s)
     stop = StopSignal()
     finished = False
