@@ -82,7 +82,7 @@ def train(run: dict, args, run_dir: Path) -> None:
         f"data.train_root={args.data}/train", f"data.val_root={args.data}/val",
         f"train.seed={run['seed']}", f"train.epochs={epochs}", f"train.out_dir={run_dir}", "train.resume=auto",
         f"schedule.warmup_epochs={recipe['schedule']['warmup_epochs'] * run['budget']}",
-        f"train.eval_every={max(1, steps // args.evals)}", "train.checkpoint_every=250",
+        f"train.eval_every={-(-steps // args.evals)}", "train.checkpoint_every=250",
         f"data.num_threads={args.threads}", *args.overrides,
     ]
     cmd = [sys.executable, "-m", "trainers.train", "--config", str(RECIPES[run["views"]]), *overrides]
