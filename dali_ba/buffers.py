@@ -1,6 +1,8 @@
 """Host tensors the loader copies batches into, reused once nobody holds them any more.
 
-DALI reuses its output buffers at the next iteration, so every batch is copied out. On the CPU a
+Every batch is copied out of DALI's output, so a batch the caller keeps never depends on how a DALI
+version or executor recycles its buffers (DALI 2.4's dynamic executor, measured on the CPU, leaves
+kept zero-copy outputs intact; handing them out uncopied measured within noise). On the CPU a
 fresh ``torch.empty`` of a large batch (154 MB at B=64, M=4, 224², fp32) comes from ``mmap`` and
 page-faults on first touch: that copy alone was ~13% of the loader's CPU time in the benchmark.
 Copying into a tensor we handed out earlier avoids the faults, but only if the caller let go of

@@ -3,9 +3,10 @@
 ``BatchAugmentLoader`` yields ``(images, labels)``: ``flat`` layout ``[B·M, C, H, W]`` ordered
 image-major (b0v0, b0v1, …, b1v0, …) with labels repeated M times; ``grouped`` layout
 ``[B, M, C, H, W]`` with ``[B]`` labels. One ``for`` loop is one epoch. Tensors are copied out of
-DALI's buffers (DALI's iterator hands out zero-copy views that the next batch overwrites), so a
-batch may be kept as long as you like (``buffers.ReusedBuffers`` recycles only the memory of
-batches nobody holds any more). ``EvalLoader`` yields every image of its shard exactly once.
+DALI's buffers (its iterator hands out zero-copy views of them, and whether a later batch may
+reuse that memory depends on DALI's executor and version), so a batch may be kept as long as you
+like (``buffers.ReusedBuffers`` recycles only the memory of batches nobody holds any more).
+``EvalLoader`` yields every image of its shard exactly once.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ class _DaliLoader:
 
     def _to_torch(self, out: dict, num_views: int, grouped: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         """Copy out of DALI's buffers and give the batch its layout (channels_last stays a view)."""
-        images = self._buffers.copy(out["images"])  # the caller's from here on (DALI reuses its own)
+        images = self._buffers.copy(out["images"])  # the caller's from here on, whatever DALI does with its own
         labels = out["labels"].reshape(-1).to(device=images.device, dtype=torch.long, non_blocking=True)
         if num_views == 1 and images.dim() == 4:
             images = images.unsqueeze(1)
