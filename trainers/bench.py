@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     from dali_ba.errors import UserError
     from dali_ba.loader import BatchAugmentLoader
     from trainers.host_memory import keep_freed_host_memory
+    from trainers.loop import AMP_DTYPES
     from trainers.models import build_model
     from trainers.optim import build_optimizer, set_lr
 
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
     optimizer = build_optimizer(model, cfg.optim)
     set_lr(optimizer, 1e-3)  # the value does not matter for speed; small so nothing diverges
     loss_fn = nn.CrossEntropyLoss()
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if device.type == "cuda" else None
+    amp = AMP_DTYPES[cfg.train.amp] if device.type == "cuda" else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     net = torch.compile(model) if cfg.train.compile else model  # compiled in the first warm-up step
 
