@@ -5,14 +5,12 @@ A recipe turns a decoded HWC uint8 image into a normalised float tensor. The tra
 no explicit ``seed=`` so DALI gives each its own seed (a shared seed, or one ``coin_flip`` node
 reused across views, would make the views identical — see DESIGN.md).
 
-With M > 1 each view stays uint8 until the end (crop/resize → colour → flip), the M crops are
-stacked (``[M, H, W, C]``) and one ``crop_mirror_normalize`` writes the float ``[M, C, H, W]``
-result, instead of M float views copied again by a float ``stack``. DALI's CPU ``stack`` copies
-element by element, so the uint8 crops are stacked as 64-bit words (``reinterpret`` there and
-back: no copy, the same bytes). Measured with ``perf`` on the 2-core CPU machine at M=4: the
-normalise + stack share of the pipeline's CPU time fell from ~16% to ~10%. Same operators, same
-random draws per view, same distribution (tests/test_bench.py checks the values against M
-ordinary branches); with M = 1 the graph is exactly ``train_view``.
+Each view is its own branch, crop/resize → colour → one ``crop_mirror_normalize`` that also does
+the flip, and is its own pipeline output: the loader copies the M outputs straight into one
+``[B, M, C, H, W]`` tensor (the copy it makes anyway), so no DALI op stacks them. Measured on the
+2-core CPU machine at M=4, B=64 against the previous graph (uint8 crops, ``fn.flip``, a stack, one
+normalise; the loader then copied the stack with torch): 6.2 against 6.8 CPU ms per image and
++10% images/s, with bit-identical views (tests/test_bench.py).
 
 ``antialias=False`` (off by default) resizes the crops without the antialiasing filter: ~20%
 less CPU at M=4, but downscaled crops alias (moiré, jagged edges) — an explicit approximation.
@@ -62,11 +60,8 @@ class AugmentSpec:
         return self.trivial_augment
 
 
-def _normalize(images, spec: AugmentSpec, mirror=None, crop=None, frames: bool = False, **crop_args):
-    """crop_mirror_normalize: the last op of every branch (scale to 0..1, mean/std, layout, dtype).
-
-    ``frames``: the input is a stack of views ``[M, H, W, C]`` (layout FHWC).
-    """
+def _normalize(images, spec: AugmentSpec, mirror=None, crop=None, **crop_args):
+    """crop_mirror_normalize: the last op of every branch (scale to 0..1, mean/std, layout, dtype)."""
     from nvidia.dali import fn, types
 
     kwargs = dict(crop_args)
@@ -77,7 +72,7 @@ def _normalize(images, spec: AugmentSpec, mirror=None, crop=None, frames: bool =
     return fn.crop_mirror_normalize(
         images,
         dtype=types.FLOAT16 if spec.dtype == "float16" else types.FLOAT,
-        output_layout=("F" if frames else "") + ("HWC" if spec.channels_last else "CHW"),
+        output_layout="HWC" if spec.channels_last else "CHW",
         mean=[m * 255.0 for m in spec.mean],
         std=[s * 255.0 for s in spec.std],
         **kwargs,
@@ -116,49 +111,44 @@ def cifar_padded(images, spec: AugmentSpec):
 
 
 def train_view(images, spec: AugmentSpec, shared=None):
-    """One independently augmented view of ``images`` (a DALI DataNode, HWC uint8).
+    """One independently augmented view of ``images`` (a DALI DataNode, HWC uint8): ``[C, H, W]``
+    float (``[H, W, C]`` with ``channels_last``).
 
     ``shared`` is what ``prepare_shared`` returned: work common to all views (done once).
     """
-    from nvidia.dali import fn
-
-    flip = fn.random.coin_flip()  # a new node per view: a shared one would flip all views alike
-    size = spec.image_size
-    if spec.recipe == "imagenet":
-        return _normalize(_colour(_random_resized_crop(images, spec), spec), spec, mirror=flip)
-    # cifar: integer offsets in [0, 2*pad], uniform, as torchvision's RandomCrop(padding=pad)
-    base = shared if shared is not None else cifar_padded(images, spec)
-    if spec.pad == 0:
-        return _normalize(base, spec, mirror=flip)
-    x, y = _cifar_offsets(spec)
-    return _normalize(base, spec, mirror=flip, crop=(size, size), crop_pos_x=x, crop_pos_y=y)
+    return _view(images, spec, shared, flip_first=True)
 
 
-def train_views(images: Sequence, spec: AugmentSpec, shared: Optional[Sequence] = None):
-    """M views, view i from ``images[i]`` (the same decoded node M times in the fused graph).
+def train_views(images: Sequence, spec: AugmentSpec, shared: Optional[Sequence] = None) -> list:
+    """M views, view i from ``images[i]`` (the same decoded node M times in the fused graph): a
+    list of M outputs, each ``[C, H, W]`` (see the module docstring for why they stay apart)."""
+    shared = list(shared) if shared is not None else [None] * len(images)
+    if len(images) == 1:
+        return [train_view(images[0], spec, shared[0])]
+    return [_view(image, spec, base, flip_first=False) for image, base in zip(images, shared)]
 
-    M = 1: ``train_view`` (``[C, H, W]``). M > 1: ``[M, C, H, W]`` (``[M, H, W, C]`` with
-    ``channels_last``): uint8 view crops, stacked, normalised once (see the module docstring).
+
+def _view(images, spec: AugmentSpec, shared, flip_first: bool):
+    """crop/resize → colour → normalise with a random mirror.
+
+    ``flip_first``: create the flip coin before the crop's random operators (the single-view
+    order) or after them (the multi-view order). DALI seeds random operators in the order they are
+    created, and these two orders reproduce the views of earlier dali-ba versions bit for bit
+    (M = 1 and M > 1 had different graphs), so recorded results stay reproducible.
     """
     from nvidia.dali import fn
 
-    shared = list(shared) if shared is not None else [None] * len(images)
-    if len(images) == 1:
-        return train_view(images[0], spec, shared[0])
-    crops = [_view_uint8(image, spec, base) for image, base in zip(images, shared)]
-    return _normalize(_stack_uint8(crops, spec.image_size), spec, frames=True)
-
-
-def _stack_uint8(crops: Sequence, size: int):
-    """Stack uint8 ``[size, size, 3]`` crops into ``[M, size, size, 3]`` (FHWC), copying them as
-    the widest machine words that divide a crop's bytes (see the module docstring)."""
-    from nvidia.dali import fn, types
-
-    nbytes = size * size * 3
-    word, dtype = next((w, t) for w, t in ((8, types.INT64), (4, types.INT32), (2, types.INT16), (1, types.UINT8))
-                       if nbytes % w == 0)
-    words = [fn.reinterpret(crop, dtype=dtype, shape=[nbytes // word]) for crop in crops]
-    return fn.reinterpret(fn.stack(*words), dtype=types.UINT8, shape=[len(crops), size, size, 3], layout="FHWC")
+    flip = fn.random.coin_flip() if flip_first else None  # a new node per view: shared, all views flip alike
+    size = spec.image_size
+    crop_args = {}
+    if spec.recipe == "imagenet":
+        view = _colour(_random_resized_crop(images, spec), spec)
+    else:  # cifar: integer offsets in [0, 2*pad], uniform, as torchvision's RandomCrop(padding=pad)
+        view = shared if shared is not None else cifar_padded(images, spec)
+        if spec.pad > 0:
+            x, y = _cifar_offsets(spec)
+            crop_args = dict(crop=(size, size), crop_pos_x=x, crop_pos_y=y)
+    return _normalize(view, spec, mirror=flip if flip_first else fn.random.coin_flip(), **crop_args)
 
 
 def _random_resized_crop(images, spec: AugmentSpec):
@@ -177,21 +167,6 @@ def _cifar_offsets(spec: AugmentSpec):
 
     positions = [k / (2 * spec.pad) for k in range(2 * spec.pad + 1)]
     return fn.random.uniform(values=positions), fn.random.uniform(values=positions)
-
-
-def _view_uint8(images, spec: AugmentSpec, shared=None):
-    """One view up to (not including) the normalisation: crop → colour → flip, all uint8 HWC."""
-    from nvidia.dali import fn
-
-    size = spec.image_size
-    if spec.recipe == "imagenet":
-        view = _colour(_random_resized_crop(images, spec), spec)
-    else:
-        view = shared if shared is not None else cifar_padded(images, spec)
-        if spec.pad > 0:
-            x, y = _cifar_offsets(spec)
-            view = fn.crop(view, crop=(size, size), crop_pos_x=x, crop_pos_y=y)
-    return fn.flip(view, horizontal=fn.random.coin_flip(), vertical=0)
 
 
 def prepare_shared(images, spec: AugmentSpec):

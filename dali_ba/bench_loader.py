@@ -129,7 +129,7 @@ def _naive_batches(loader) -> Iterator:
     """The loader's own epoch loop, with the naive graph (one decoder per view)."""
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-    from dali_ba.pipeline import build_train_pipeline
+    from dali_ba.pipeline import build_train_pipeline, output_names
     from dali_ba.sharding import augment_seed
 
     epoch = 0
@@ -140,7 +140,8 @@ def _naive_batches(loader) -> Iterator:
             batch_size=loader.batch_size, num_views=loader.num_views, spec=loader.spec,
             decode=loader._decode, seed=augment_seed(loader.seed, 0, epoch), decode_per_view=True,
         )
-        iterator = DALIGenericIterator([pipe], ["images", "labels"], auto_reset=False, prepare_first_batch=False)
+        iterator = DALIGenericIterator([pipe], output_names(loader.num_views), auto_reset=False,
+                                       prepare_first_batch=False)
         for _ in range(len(loader)):
             yield loader._to_torch(next(iterator)[0], loader.num_views, grouped=False)
         del iterator, pipe

@@ -1,22 +1,30 @@
-"""Host tensors the loader copies batches into, reused once nobody holds them any more.
+"""Host tensors the loader assembles batches in, reused once nobody holds them any more.
 
-Every batch is copied out of DALI's output, so a batch the caller keeps never depends on how a DALI
-version or executor recycles its buffers (DALI 2.4's dynamic executor, measured on the CPU, leaves
-kept zero-copy outputs intact; handing them out uncopied measured within noise). On the CPU a
-fresh ``torch.empty`` of a large batch (154 MB at B=64, M=4, 224², fp32) comes from ``mmap`` and
-page-faults on first touch: that copy alone was ~13% of the loader's CPU time in the benchmark.
-Copying into a tensor we handed out earlier avoids the faults, but only if the caller let go of
-it: a buffer is reused only when no tensor outside this pool shares its memory (torch's storage
-use count), so a caller that keeps batches (a list, a prefetch queue) just gets fresh memory.
-CUDA tensors are cloned: torch's caching allocator already reuses GPU memory without faults.
+The pipelines emit each view as its own output (``[B, C, H, W]``, see ``augment``); ``stack``
+copies the M of them into one ``[B, M, C, H, W]`` tensor. That copy is also what makes a batch
+the caller's own: it never depends on how a DALI version or executor recycles its buffers.
+
+Two things keep the copy cheap on the CPU, both measured on the 2-core machine (B=64, M=4, 224²,
+fp32, 154 MB a batch):
+- Memory: a fresh ``torch.empty`` of that size comes from ``mmap`` and page-faults on first touch
+  (50 ms to fill, against 9 ms for memory already mapped: ~13% of the loader's CPU time). So the
+  copy goes into a tensor handed out earlier, but only if the caller let go of it: a buffer is
+  reused only when no tensor outside this pool shares its memory (torch's storage use count), so
+  a caller that keeps batches (a list, a prefetch queue) just gets fresh memory.
+- Threads: the copy is numpy's single-threaded ``copyto``. torch's ``copy_`` wakes its OpenMP
+  pool, whose threads then spin-wait on cores DALI's own threads are using (~2% of the CPU time
+  in ``libgomp``; the whole loader 4–5% slower).
+CUDA views are stacked with ``torch.stack``: torch's caching allocator already reuses GPU memory.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
+import numpy as np
 import torch
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)  # private; without it: always fresh
+_NUMPY_DTYPES = {torch.float32, torch.float16, torch.float64, torch.uint8, torch.int32, torch.int64}
 
 
 def _storage_refs(t: torch.Tensor) -> int:
@@ -24,7 +32,8 @@ def _storage_refs(t: torch.Tensor) -> int:
 
 
 class ReusedBuffers:
-    """``copy(src)`` → a tensor equal to ``src`` that the caller owns, in recycled memory when possible."""
+    """``stack(views)`` → a tensor ``[B, M, ...]`` equal to ``torch.stack(views, 1)`` that the
+    caller owns, in recycled memory when possible."""
 
     def __init__(self, capacity: int = 4):
         self.capacity = capacity
@@ -36,22 +45,32 @@ class ReusedBuffers:
         holds no batch-sized memory. (RSS over 80 epochs creeps alike with or without it.)"""
         self._pool.clear()
 
-    def copy(self, src: torch.Tensor) -> torch.Tensor:
-        if src.device.type != "cpu" or _use_count is None or self.capacity == 0:
-            return src.clone()
-        buffer = self._free_buffer(src)
-        buffer.copy_(src)
+    def stack(self, views: Sequence[torch.Tensor]) -> torch.Tensor:
+        first = views[0]
+        if first.device.type != "cpu":
+            return torch.stack(list(views), dim=1)
+        shape = (first.shape[0], len(views)) + tuple(first.shape[1:])
+        out = self._free_buffer(shape, first.dtype) if _use_count is not None and self.capacity else None
+        if out is None:
+            out = torch.empty(shape, dtype=first.dtype)
+        if first.dtype in _NUMPY_DTYPES:
+            target = out.numpy()
+            for i, view in enumerate(views):
+                np.copyto(target[:, i], view.numpy())
+        else:  # e.g. bfloat16, which numpy lacks
+            for i, view in enumerate(views):
+                out[:, i].copy_(view)
         # A new tensor object on the same memory: while the caller holds it (or any view of it),
         # the storage's use count stays above the idle count and the buffer is not reused.
-        return buffer.detach()
+        return out.detach()
 
-    def _free_buffer(self, like: torch.Tensor) -> torch.Tensor:
+    def _free_buffer(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         idle = [i for i, (buf, refs) in enumerate(self._pool) if _storage_refs(buf) == refs]
         for i in idle:
             buf = self._pool[i][0]
-            if buf.shape == like.shape and buf.dtype == like.dtype:
+            if tuple(buf.shape) == shape and buf.dtype == dtype:
                 return buf
-        buf = torch.empty_like(like, memory_format=torch.contiguous_format)
+        buf = torch.empty(shape, dtype=dtype)
         entry = (buf, _storage_refs(buf))
         if len(self._pool) < self.capacity:
             self._pool.append(entry)

@@ -3,9 +3,10 @@
 ``BatchAugmentLoader`` yields ``(images, labels)``: ``flat`` layout ``[B·M, C, H, W]`` ordered
 image-major (b0v0, b0v1, …, b1v0, …) with labels repeated M times; ``grouped`` layout
 ``[B, M, C, H, W]`` with ``[B]`` labels. One ``for`` loop is one epoch. Tensors are copied out of
-DALI's buffers (its iterator hands out zero-copy views of them, and whether a later batch may
-reuse that memory depends on DALI's executor and version), so a batch may be kept as long as you
-like (``buffers.ReusedBuffers`` recycles only the memory of batches nobody holds any more).
+DALI's buffers (the pipeline emits each view separately and this copy assembles them; DALI's
+iterator hands out zero-copy views, and whether a later batch may reuse that memory depends on
+DALI's executor and version), so a batch may be kept as long as you like
+(``buffers.ReusedBuffers`` recycles only the memory of batches nobody holds any more).
 ``EvalLoader`` yields every image of its shard exactly once.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dali_ba.config import ConfigError, DataConfig
 from dali_ba.dataset import Dataset, scan_image_folder
 from dali_ba.errors import DatasetError, DecodeError
 from dali_ba.pipeline import (DecodeOptions, abandon_pipeline, build_eval_pipeline, build_train_pipeline,
-                              resolve_device)
+                              output_names, resolve_device)
 from dali_ba.sharding import augment_seed, eval_shard_indices, resolve_shard, steps_per_epoch, train_shard_indices
 
 STATE_FORMAT = 1
@@ -58,11 +59,10 @@ class _DaliLoader:
         return list(self.dataset.classes)
 
     def _to_torch(self, out: dict, num_views: int, grouped: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Copy out of DALI's buffers and give the batch its layout (channels_last stays a view)."""
-        images = self._buffers.copy(out["images"])  # the caller's from here on, whatever DALI does with its own
+        """Copy the M view outputs into one batch and give it its layout (channels_last stays a view)."""
+        # The copy makes the batch the caller's, whatever DALI does with its own buffers.
+        images = self._buffers.stack([out[name] for name in output_names(num_views)[:-1]])
         labels = out["labels"].reshape(-1).to(device=images.device, dtype=torch.long, non_blocking=True)
-        if num_views == 1 and images.dim() == 4:
-            images = images.unsqueeze(1)
         if self.spec.channels_last:  # [B, M, H, W, C] → [B, M, C, H, W] with channels-last strides
             images = images.permute(0, 1, 4, 2, 3)
         if grouped:
@@ -189,7 +189,8 @@ class BatchAugmentLoader(_DaliLoader):
             spec=self.spec, decode=self._decode, seed=augment_seed(self.seed, self.shard_id, epoch),
             checkpoint=self._dali_state if start > 0 else None,
         )
-        self._live = DALIGenericIterator([pipe], ["images", "labels"], auto_reset=False, prepare_first_batch=False)
+        self._live = DALIGenericIterator([pipe], output_names(self.num_views), auto_reset=False,
+                                         prepare_first_batch=False)
         failed = False
         try:
             for step in range(start, self._steps):
@@ -308,7 +309,7 @@ class EvalLoader(_DaliLoader):
             files, self.dataset.labels[self.indices], batch_size=self.batch_size, spec=self.spec,
             decode=self._decode, views=self.views, seed=augment_seed(self.seed, self.shard_id, EVAL_SEED_KEY),
         )
-        iterator = DALIGenericIterator([pipe], ["images", "labels"], auto_reset=False, prepare_first_batch=False)
+        iterator = DALIGenericIterator([pipe], output_names(self.views), auto_reset=False, prepare_first_batch=False)
         try:
             for step in range(len(self)):
                 suspects = files[step * self.batch_size : (step + 1 + self._decode.prefetch) * self.batch_size]

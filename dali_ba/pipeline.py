@@ -2,9 +2,10 @@
 
 Train graph (one epoch of one rank): read this rank's files in the order ``sharding`` chose →
 decode each image **once** (``mixed`` on GPU, ``cpu`` otherwise) → M independent view branches
-(``augment.train_views``: uint8 crops, stacked, normalised once) → ``[B, M, C, H, W]``. With M=1
-there is no stack: it is an ordinary DALI training pipeline. Eval graph: decode → the recipe's
-eval transform (or ``views`` random views for test-time averaging).
+(``augment.train_views``) → M outputs ``view0 … view{M-1}`` of ``[B, C, H, W]`` each, plus the
+labels (``output_names``); the loader copies the M views into one ``[B, M, C, H, W]`` tensor. With
+M=1 it is an ordinary DALI training pipeline. Eval graph: decode → the recipe's eval transform (or
+``views`` random views for test-time averaging), the same outputs.
 
 ``build_train_pipeline(..., decode_per_view=True)`` is the *naive* graph the benchmarks compare
 against: the same views, but each view decodes the image again with its own decoder.
@@ -17,6 +18,11 @@ from typing import Optional, Sequence
 from dali_ba.augment import AugmentSpec, eval_view, prepare_shared, train_views
 
 READER_NAME = "Reader"
+
+
+def output_names(num_views: int) -> list:
+    """The pipelines' outputs, in order: one per view, then the labels."""
+    return [f"view{i}" for i in range(num_views)] + ["labels"]
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,7 @@ def build_train_pipeline(
     decode_per_view: bool = False,
     pipeline_options: Optional[dict] = None,
 ):
-    """A built pipeline yielding ``(views [B,M,...] or [B,...] when M=1, labels [B,1])``.
+    """A built pipeline yielding ``(view 0 [B, C, H, W], …, view M-1, labels [B, 1])``.
 
     ``decode_per_view``: the naive baseline of the benchmarks: M decoders (named, preserved, so
     DALI cannot merge them), one per view; the same views otherwise. ``pipeline_options``: extra
@@ -114,7 +120,7 @@ def build_train_pipeline(
         else:
             images = [_decode(encoded, decode)] * num_views
             shared = [prepare_shared(images[0], spec)] * num_views  # done once, used by every view
-        return train_views(images, spec, shared), label
+        return (*train_views(images, spec, shared), label)
 
     return _make(graph, batch_size, decode, seed, checkpoint, spec.needs_conditionals, pipeline_options,
                  files=files, labels=labels)
@@ -136,7 +142,7 @@ def build_eval_pipeline(
         images, label = _read_and_decode(files, labels, decode, pad_last_batch=True)
         if views == 1:
             return eval_view(images, spec), label
-        return train_views([images] * views, spec, [prepare_shared(images, spec)] * views), label
+        return (*train_views([images] * views, spec, [prepare_shared(images, spec)] * views), label)
 
     conditionals = spec.needs_conditionals and views > 1
     return _make(graph, batch_size, decode, seed, None, conditionals, files=files, labels=labels)

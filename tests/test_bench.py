@@ -63,8 +63,9 @@ def test_dali_merges_identical_unnamed_decoders(image_folder):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fused_views_equal_m_ordinary_branches(image_folder, channels_last):
-    """The fused M-view graph (uint8 views, stacked as words, normalised once) gives bit for bit what
-    M ordinary single-view branches (crop → normalise with mirror) stacked in float give."""
+    """The fused M-view graph (one decode, M outputs) gives bit for bit what M ordinary
+    single-view branches (crop → normalise with mirror) stacked in float give, and the loader's
+    assembled batch holds exactly those views."""
     from nvidia.dali import fn, pipeline_def, types
 
     files, labels = _files(image_folder, 12)
@@ -88,9 +89,9 @@ def test_fused_views_equal_m_ordinary_branches(image_folder, channels_last):
     ref = ordinary()
     ref.build()
     for _ in range(2):
-        ours, _ = pipe.run()
+        *views, _ = pipe.run()
         theirs, _ = ref.run()
-        a, b = np.array(ours.as_tensor()), np.array(theirs.as_tensor())
+        a, b = np.stack([np.array(v.as_tensor()) for v in views], axis=1), np.array(theirs.as_tensor())
         assert a.shape == b.shape == ((4, 3, 24, 24, 3) if channels_last else (4, 3, 3, 24, 24))
         assert np.array_equal(a, b)
 

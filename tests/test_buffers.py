@@ -37,19 +37,21 @@ def test_dropped_batches_are_recycled_and_equal_a_fresh_copy(image_folder):
 
 def test_a_view_of_a_batch_keeps_its_buffer_busy():
     pool = ReusedBuffers(capacity=1)
-    first = pool.copy(torch.arange(6.0)).view(2, 3)[1]  # only a view of the batch is kept
-    second = pool.copy(torch.full((6,), 7.0))
-    assert first.tolist() == [3.0, 4.0, 5.0] and second.tolist() == [7.0] * 6
+    first = pool.stack([torch.arange(6.0)]).view(2, 3)[1]  # only a view of the batch is kept
+    second = pool.stack([torch.full((6,), 7.0)])
+    assert first.tolist() == [3.0, 4.0, 5.0] and second.tolist() == [[7.0]] * 6
     busy = first.untyped_storage().data_ptr()
     assert second.untyped_storage().data_ptr() != busy
-    del first  # now idle: the next copy goes there
-    assert pool.copy(torch.zeros(6)).untyped_storage().data_ptr() == busy
+    del first  # now idle: the next batch goes there
+    assert pool.stack([torch.zeros(6)]).untyped_storage().data_ptr() == busy
 
 
 @pytest.mark.parametrize("capacity", [0, 2])
-def test_shapes_and_dtypes_follow_the_source(capacity):
+def test_stack_equals_torch_stack_for_every_shape_and_dtype(capacity):
     pool = ReusedBuffers(capacity=capacity)
-    for shape, dtype in [((2, 3), torch.float32), ((5,), torch.float16), ((2, 3), torch.float32), ((1,), torch.uint8)]:
-        src = torch.ones(shape, dtype=dtype)
-        out = pool.copy(src)
-        assert out.shape == src.shape and out.dtype == dtype and torch.equal(out, src)
+    cases = [((2, 3), torch.float32, 3), ((5,), torch.float16, 1), ((2, 3), torch.float32, 3), ((4, 2), torch.uint8, 2),
+             ((3, 2), torch.bfloat16, 2)]  # bfloat16: numpy has none, torch copies it
+    for shape, dtype, m in cases:
+        views = [torch.randn(shape).mul(50).to(dtype) for _ in range(m)]
+        out = pool.stack(views)
+        assert out.dtype == dtype and torch.equal(out, torch.stack(views, dim=1))
