@@ -16,3 +16,8 @@ class DecodeError(UserError, RuntimeError):
     def __init__(self, message: str, bad_files: list | None = None):
         super().__init__(message)
         self.bad_files = list(bad_files or [])
+
+
+class StaleLoaderState(ValueError):
+    """A loader state saved by a dali-ba version whose DALI graph differs: its DALI checkpoint
+    cannot be restored (the data order can: ``set_epoch(epoch, step)``)."""

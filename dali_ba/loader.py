@@ -20,12 +20,14 @@ from dali_ba.augment import AugmentSpec
 from dali_ba.buffers import ReusedBuffers
 from dali_ba.config import ConfigError, DataConfig
 from dali_ba.dataset import Dataset, scan_image_folder
-from dali_ba.errors import DatasetError, DecodeError
+from dali_ba.errors import DatasetError, DecodeError, StaleLoaderState
 from dali_ba.pipeline import (DecodeOptions, abandon_pipeline, build_eval_pipeline, build_train_pipeline,
                               output_names, resolve_device)
 from dali_ba.sharding import augment_seed, eval_shard_indices, resolve_shard, steps_per_epoch, train_shard_indices
 
-STATE_FORMAT = 1
+# The loader state's format. 2 (2026-11-26): every view is its own pipeline output; a DALI
+# checkpoint of format 1 names operators (fn.flip, the stack) this graph no longer has.
+STATE_FORMAT = 2
 LAYOUTS = ("flat", "grouped")
 EVAL_SEED_KEY = 1_000_003  # the "epoch" slot of the eval seed: distinct from every train epoch
 
@@ -234,14 +236,20 @@ class BatchAugmentLoader(_DaliLoader):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state``; refuses a state from another dataset, batch, seed or world size."""
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"loader state format {state.get('format')!r} is not {STATE_FORMAT} (saved by another dali-ba version)")
+        """Continue from ``state``; refuses a state from another dataset, batch, seed or world size.
+
+        A state saved by a dali-ba version with another DALI graph raises ``StaleLoaderState``
+        (its DALI checkpoint cannot be restored); ``set_epoch(epoch, step)`` then continues at the
+        same batch in the same order, with fresh augmentation draws.
+        """
         mine = self.state_dict()
         keys = ["seed", "num_files", "batch_size", "num_views", "shard_id", "num_shards"]
-        differ = [f"{k}: saved {state[k]!r}, now {mine[k]!r}" for k in keys if state.get(k) != mine[k]]
+        differ = [f"{k}: saved {state.get(k)!r}, now {mine[k]!r}" for k in keys if state.get(k) != mine[k]]
         if differ:
             raise ValueError("loader state does not match this loader (" + "; ".join(differ) + ")")
+        if state.get("format") != STATE_FORMAT:
+            raise StaleLoaderState(f"loader state format {state.get('format')!r} is not {STATE_FORMAT} "
+                                   "(saved by another dali-ba version, whose DALI graph differs)")
         # step == steps (a state saved after an epoch's last batch) needs no DALI checkpoint: the next
         # epoch starts afresh.
         if not 0 <= state["step"] <= self._steps or (0 < state["step"] < self._steps and state["dali"] is None):

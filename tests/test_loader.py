@@ -113,6 +113,22 @@ def test_load_state_dict_refuses_another_configuration(image_folder):
         other.load_state_dict(state)
 
 
+def test_a_state_of_an_older_graph_is_refused_and_set_epoch_keeps_the_order(image_folder):
+    """Format 1 (before the views became separate outputs) holds a DALI checkpoint of operators
+    this graph no longer has: a clear error, and the documented way on keeps the data order."""
+    from dali_ba.errors import StaleLoaderState
+
+    loader = BatchAugmentLoader(image_folder, num_views=2, seed=4, **SMALL)
+    straight = [labels for _, labels in loader]
+    state = loader.state_dict()
+    state.update(format=1, epoch=0, step=2)
+    again = BatchAugmentLoader(image_folder, num_views=2, seed=4, **SMALL)
+    with pytest.raises(StaleLoaderState, match="loader state format 1 is not 2"):
+        again.load_state_dict(state)
+    again.set_epoch(0, step=2)
+    assert all(torch.equal(a, b) for a, b in zip([labels for _, labels in again], straight[2:], strict=True))
+
+
 @pytest.mark.parametrize("num_shards", [1, 2, 3])
 def test_eval_sees_every_image_exactly_once(tmp_path, num_shards):
     root = write_indexed_folder(tmp_path, 29, classes=3)

@@ -131,6 +131,23 @@ def test_decode_error_then_the_file_left_out_resumes_on_the_clean_list(data, tmp
     assert trained == list(range(1, 15))  # steps 1-3 before the stop, 4-14 after: none twice, none lost
 
 
+def test_a_checkpoint_of_an_older_loader_graph_resumes_in_the_same_data_order(data, tmp_path, capsys):
+    """A loader state of format 1 cannot restore its DALI checkpoint (the graph changed), yet the
+    run resumes: model, optimizer and step from the checkpoint, the data at the same step."""
+    out = tmp_path / "run"
+    assert run(config_from_dict(tiny(data, out, train={"max_steps": 3}))) == 0
+    path = out / "checkpoints" / ckpt.LAST
+    state = ckpt.load(path)
+    state["loader"][0]["format"] = 1
+    ckpt.save_atomic(state, path)
+    capsys.readouterr()
+    assert run(config_from_dict(tiny(data, out))) == 0
+    err = capsys.readouterr().err
+    assert "loader state format 1 is not 2" in err and "continues at step 3 of epoch 0 in the same order" in err
+    trained = [r["step"] for r in read_metrics(out / "metrics.jsonl", "train")]
+    assert trained == list(range(1, STEPS + 1))  # none twice, none lost
+
+
 def test_decode_error_during_validation_saves_and_stops(data, tmp_path, capsys):
     val = tmp_path / "val"
     shutil.copytree(data / "val", val)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from dali_ba import BatchAugmentLoader, EvalLoader
 from dali_ba.config import Config, ConfigError, config_to_dict, save_config
 from dali_ba.dataset import align_classes
-from dali_ba.errors import DecodeError
+from dali_ba.errors import DecodeError, StaleLoaderState
 from trainers import checkpoint as ckpt
 from trainers import dist as tdist
 from trainers.diagnostics import GradNoiseMonitor
@@ -141,7 +141,13 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
         else:
             try:
                 loader.load_state_dict(saved_loader)
-            except (ValueError, KeyError, TypeError) as exc:  # another loader, an older state format
+            except StaleLoaderState as exc:  # same data, older dali-ba: same order, fresh augmentation draws
+                epoch_at, in_epoch = divmod(state["step"], steps_per_epoch)
+                loader.set_epoch(epoch_at, step=in_epoch)
+                data_changed = (f"{resume_from}: {exc}: model, optimizer and step {state['step']} resume; the data "
+                                f"continues at step {in_epoch} of epoch {epoch_at} in the same order, with fresh "
+                                f"augmentation draws (not bit-exact)")
+            except (ValueError, KeyError, TypeError) as exc:  # another loader or data set
                 raise ckpt.ResumeError(f"cannot resume from {resume_from}: {exc}") from None
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
