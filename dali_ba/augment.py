@@ -9,8 +9,8 @@ Each view is its own branch, crop/resize → colour → one ``crop_mirror_normal
 the flip, and is its own pipeline output: the loader copies the M outputs straight into one
 ``[B, M, C, H, W]`` tensor (the copy it makes anyway), so no DALI op stacks them. Measured on the
 2-core CPU machine at M=4, B=64 against the previous graph (uint8 crops, ``fn.flip``, a stack, one
-normalise; the loader then copied the stack with torch): 6.2 against 6.8 CPU ms per image and
-+10% images/s, with bit-identical views (tests/test_bench.py).
+normalise; the loader then copied the stack with torch): 6.2 against 6.7–6.8 CPU ms per image,
+1.06–1.10× the images/s (benchmarks/README.md), and the very same views.
 
 ``antialias=False`` (off by default) resizes the crops without the antialiasing filter: ~20%
 less CPU at M=4, but downscaled crops alias (moiré, jagged edges) — an explicit approximation.
@@ -148,7 +148,9 @@ def _view(images, spec: AugmentSpec, shared, flip_first: bool):
         if spec.pad > 0:
             x, y = _cifar_offsets(spec)
             crop_args = dict(crop=(size, size), crop_pos_x=x, crop_pos_y=y)
-    return _normalize(view, spec, mirror=flip if flip_first else fn.random.coin_flip(), **crop_args)
+    if flip is None:
+        flip = fn.random.coin_flip()  # the multi-view order: after the crop's operators
+    return _normalize(view, spec, mirror=flip, **crop_args)
 
 
 def _random_resized_crop(images, spec: AugmentSpec):
