@@ -50,9 +50,8 @@ class ReusedBuffers:
         if first.device.type != "cpu":
             return torch.stack(list(views), dim=1)
         shape = (first.shape[0], len(views)) + tuple(first.shape[1:])
-        out = self._free_buffer(shape, first.dtype) if _use_count is not None and self.capacity else None
-        if out is None:
-            out = torch.empty(shape, dtype=first.dtype)
+        tracked = _use_count is not None and self.capacity
+        out = self._free_buffer(shape, first.dtype) if tracked else torch.empty(shape, dtype=first.dtype)
         if first.dtype in _NUMPY_DTYPES:
             target = out.numpy()
             for i, view in enumerate(views):

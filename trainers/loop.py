@@ -130,10 +130,11 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
         if state["classes"] != loader.classes:
             raise ckpt.ResumeError(f"cannot resume from {resume_from}: its classes differ from {cfg.data.train_root}'s")
         saved_loader = state["loader"][env.rank]
+        # Where the data continues when the loader state cannot be restored exactly (below).
+        epoch_at, in_epoch = divmod(state["step"], steps_per_epoch)
         if isinstance(saved_loader, dict) and saved_loader.get("num_files") not in (None, len(loader.dataset)):
             # The training set changed (e.g. a broken image left out): its shuffles are not the
             # checkpoint's any more. Continue at the same step, in a fresh order of the same epoch.
-            epoch_at, in_epoch = divmod(state["step"], steps_per_epoch)
             loader.set_epoch(epoch_at, step=in_epoch)
             data_changed = (f"the training set changed since {resume_from} ({saved_loader['num_files']} files then, "
                             f"{len(loader.dataset)} now): model, optimizer and step {state['step']} resume; the data "
@@ -142,7 +143,6 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
             try:
                 loader.load_state_dict(saved_loader)
             except StaleLoaderState as exc:  # same data, older dali-ba: same order, fresh augmentation draws
-                epoch_at, in_epoch = divmod(state["step"], steps_per_epoch)
                 loader.set_epoch(epoch_at, step=in_epoch)
                 data_changed = (f"{resume_from}: {exc}: model, optimizer and step {state['step']} resume; the data "
                                 f"continues at step {in_epoch} of epoch {epoch_at} in the same order, with fresh "
