@@ -9,7 +9,14 @@ DEMO_OUT ?= runs/demo
 
 .PHONY: install demo test test-fast clean
 
+# torch + torchvision + DALI take 6.6 GB in the venv; check first, so a full disk fails
+# with a message instead of pip's OSError half-way through the install (skipped once torch is in).
+INSTALL_NEEDS_GB ?= 7
+
 $(STAMP): pyproject.toml constraints.txt
+	@ls -d $(VENV)/lib/python*/site-packages/torch >/dev/null 2>&1 || $(PYTHON) -c \
+	  "import shutil,sys; free=shutil.disk_usage('.').free/2**30; sys.exit(0 if free >= $(INSTALL_NEEDS_GB) else \
+	  f'make: installing torch, torchvision and DALI needs ~$(INSTALL_NEEDS_GB) GB free on the disk of $(CURDIR), {free:.1f} GB is free')"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
