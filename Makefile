@@ -14,10 +14,10 @@ DEMO_OUT ?= runs/demo
 INSTALL_NEEDS_GB ?= 7
 
 $(STAMP): pyproject.toml constraints.txt
-	@ls -d $(VENV)/lib/python*/site-packages/torch >/dev/null 2>&1 || $(PYTHON) -c \
-	  "import shutil,sys; free=shutil.disk_usage('.').free/2**30; sys.exit(0 if free >= $(INSTALL_NEEDS_GB) else \
-	  f'make: installing torch, torchvision and DALI needs ~$(INSTALL_NEEDS_GB) GB free on the disk of $(CURDIR), {free:.1f} GB is free')"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@ls -d $(VENV)/lib/python*/site-packages/torch >/dev/null 2>&1 || $(PY) -c \
+	  "import shutil,sys; free=shutil.disk_usage('$(VENV)').free/2**30; sys.exit(0 if free >= $(INSTALL_NEEDS_GB) else \
+	  f'make: installing torch, torchvision and DALI into $(VENV) needs ~$(INSTALL_NEEDS_GB) GB free on its disk, {free:.1f} GB is free')"
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	@touch $@
