@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_DATA ?= data/fashion-mnist
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast lint clean
 
 # torch + torchvision + DALI take 6.6 GB in the venv; check first, so a full disk fails
 # with a message instead of pip's OSError half-way through the install (skipped once torch is in).
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	  "import shutil,sys; free=shutil.disk_usage('$(VENV)').free/2**30; sys.exit(0 if free >= $(INSTALL_NEEDS_GB) else \
 	  f'make: installing torch, torchvision and DALI into $(VENV) needs ~$(INSTALL_NEEDS_GB) GB free on its disk, {free:.1f} GB is free')"
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[train,plot,test]'
 	@touch $@
 
 install: $(STAMP)
@@ -33,10 +33,15 @@ demo: $(STAMP)
 	$(VENV)/bin/dali-ba train --config pipelines/demo-cpu.yaml train.out_dir=$(DEMO_OUT) train.resume=none
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache

@@ -84,7 +84,7 @@ def main() -> None:
     med = {rev: {k: statistics.median(x[k] for x in xs) for k in ("images_per_s", "cpu_ms_per_image")}
            for rev, xs in runs.items()}
     a, b = med[args.rev_a], med[args.rev_b]
-    print(f"| revision | images/s | CPU ms / image |\n|---|---:|---:|")
+    print("| revision | images/s | CPU ms / image |\n|---|---:|---:|")
     for rev in (args.rev_a, args.rev_b):
         print(f"| {rev} | {med[rev]['images_per_s']:.1f} | {med[rev]['cpu_ms_per_image']:.2f} |")
     print(f"B ÷ A: {b['images_per_s'] / a['images_per_s']:.3f}× images/s, "

@@ -34,8 +34,8 @@ def _cpu() -> float:
 
 
 def main() -> None:
-    from nvidia.dali import fn, pipeline_def, types
     import nvidia.dali.math as dmath
+    from nvidia.dali import fn, pipeline_def, types
 
     ap = argparse.ArgumentParser()
     ap.add_argument("root")
@@ -80,7 +80,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, graph in graphs.items():
             @pipeline_def(batch_size=b, num_threads=1, device_id=None, seed=1)
-            def pipe_def():
+            def pipe_def(graph=graph):
                 encoded, label = fn.readers.file(files=files, random_shuffle=True, name="Reader")
                 out = graph(fn.decoders.image(encoded, device="cpu", output_type=types.RGB))
                 return tuple(out) if isinstance(out, list) else out

@@ -1,20 +1,21 @@
 """dali-ba: batch-augmentation data pipelines on NVIDIA DALI, with a thin PyTorch iterator.
 
-Public API (stable): ``BatchAugmentLoader``, ``EvalLoader``, ``load_config``.
-Imports are lazy so that ``import dali_ba`` (and the CLI's --help) stays fast and does not
-load DALI or torch until a loader is actually used.
+Public API: ``BatchAugmentLoader``, ``EvalLoader`` (the loaders), ``load_config`` / ``DataConfig``
+(the ``data:`` section of a YAML recipe), ``ConfigError``. Imports are lazy so that
+``import dali_ba`` (and the CLI's --help) stays fast and loads DALI and torch only when a loader
+is used.
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["BatchAugmentLoader", "EvalLoader", "load_config", "Config", "ConfigError", "__version__"]
+__all__ = ["BatchAugmentLoader", "EvalLoader", "load_config", "DataConfig", "ConfigError", "__version__"]
 
 _LAZY = {
     "BatchAugmentLoader": "dali_ba.loader",
     "EvalLoader": "dali_ba.loader",
     "load_config": "dali_ba.config",
-    "Config": "dali_ba.config",
-    "ConfigError": "dali_ba.config",
+    "DataConfig": "dali_ba.config",
+    "ConfigError": "dali_ba.errors",
 }
 
 

@@ -4,16 +4,14 @@ The pipelines emit each view as its own output (``[B, C, H, W]``, see ``augment`
 copies the M of them into one ``[B, M, C, H, W]`` tensor. That copy is also what makes a batch
 the caller's own: it never depends on how a DALI version or executor recycles its buffers.
 
-Two things keep the copy cheap on the CPU, both measured on the 2-core machine (B=64, M=4, 224²,
-fp32, 154 MB a batch):
-- Memory: a fresh ``torch.empty`` of that size comes from ``mmap`` and page-faults on first touch
-  (50 ms to fill, against 9 ms for memory already mapped: ~13% of the loader's CPU time). So the
-  copy goes into a tensor handed out earlier, but only if the caller let go of it: a buffer is
-  reused only when no tensor outside this pool shares its memory (torch's storage use count), so
-  a caller that keeps batches (a list, a prefetch queue) just gets fresh memory.
-- Threads: the copy is numpy's single-threaded ``copyto``. torch's ``copy_`` wakes its OpenMP
-  pool, whose threads then spin-wait on cores DALI's own threads are using (~2% of the CPU time
-  in ``libgomp``; the whole loader 4–5% slower).
+Two things keep the copy cheap on the CPU (measurements: benchmarks/README.md):
+- Memory: a fresh ``torch.empty`` of a batch's size comes from ``mmap`` and page-faults on first
+  touch. So the copy goes into a tensor handed out earlier, but only if the caller let go of it: a
+  buffer is reused only when no tensor outside this pool shares its memory (torch's storage use
+  count, a private API: without it every batch gets fresh memory), so a caller that keeps batches
+  (a list, a prefetch queue) just gets fresh memory.
+- Threads: the copy is numpy's single-threaded ``copyto``; torch's ``copy_`` wakes its OpenMP pool,
+  whose threads then spin on the cores DALI's own threads are using.
 CUDA views are stacked with ``torch.stack``: torch's caching allocator already reuses GPU memory.
 """
 from __future__ import annotations
@@ -40,9 +38,8 @@ class ReusedBuffers:
         self._pool: List[Tuple[torch.Tensor, int]] = []  # (buffer, its storage use count when idle)
 
     def clear(self) -> None:
-        """Forget every buffer (the caller's batches stay valid). The loaders call this when an
-        epoch's pipeline goes, so a loader between epochs (an ``EvalLoader`` between evaluations)
-        holds no batch-sized memory. (RSS over 80 epochs creeps alike with or without it.)"""
+        """Forget every buffer (the caller's batches stay valid); the loaders call this when their
+        pipeline goes."""
         self._pool.clear()
 
     def stack(self, views: Sequence[torch.Tensor]) -> torch.Tensor:

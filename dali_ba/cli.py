@@ -15,10 +15,14 @@ from typing import Sequence
 # (command path, module, help)
 _COMMANDS = [
     (("data", "synth"), "dali_ba.data.synth", "write ImageNet-like JPEGs in ImageFolder layout"),
-    (("data", "fashion-mnist"), "dali_ba.data.fashion_mnist", "real Fashion-MNIST images (Debian package) as JPEG folders"),
+    (
+        ("data", "fashion-mnist"),
+        "dali_ba.data.fashion_mnist",
+        "real Fashion-MNIST images (Debian package) as JPEG folders",
+    ),
     (("data", "verify"), "dali_ba.data.verify", "find every file DALI cannot decode"),
     (("show",), "dali_ba.viz", "PNG grid: one row per image, its M augmented views in columns"),
-    (("bench",), "dali_ba.bench", "throughput benchmarks, side by side"),
+    (("bench",), "dali_ba.bench_command", "throughput benchmarks, side by side (from a source checkout)"),
     (("train",), "dali_ba.train_launcher", "train a ResNet (the trainers package; also under torchrun)"),
 ]
 

@@ -10,6 +10,10 @@ class DatasetError(UserError, ValueError):
     """The image folder or file list is missing, empty or malformed; names the path at fault."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config file, key or value is wrong; the message says which and what was expected."""
+
+
 class DecodeError(UserError, RuntimeError):
     """DALI could not decode one or more files; names them and suggests `dali-ba data verify`."""
 
@@ -18,6 +22,6 @@ class DecodeError(UserError, RuntimeError):
         self.bad_files = list(bad_files or [])
 
 
-class StaleLoaderState(ValueError):
-    """A loader state saved by a dali-ba version whose DALI graph differs: its DALI checkpoint
-    cannot be restored (the data order can: ``set_epoch(epoch, step)``)."""
+class LoaderStateError(UserError, ValueError):
+    """A saved loader state does not fit this loader (another dataset shard, batch, seed, or
+    graph settings DALI cannot restore into); the message says what differs."""

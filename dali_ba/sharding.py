@@ -54,6 +54,7 @@ def eval_shard_indices(num_files: int, shard_id: int, num_shards: int) -> np.nda
     return np.arange(start, stop)
 
 
-def augment_seed(seed: int, shard_id: int, epoch: int) -> int:
-    """DALI pipeline seed: differs per rank and per epoch, reproducible from the run seed."""
-    return int(np.random.SeedSequence([seed, shard_id, epoch]).generate_state(1)[0] & 0x7FFFFFFF)
+def augment_seed(seed: int, shard_id: int, *position: int) -> int:
+    """DALI pipeline seed: differs per rank and per starting position (epoch, step), reproducible
+    from the run seed."""
+    return int(np.random.SeedSequence([seed, shard_id, *position]).generate_state(1)[0] & 0x7FFFFFFF)

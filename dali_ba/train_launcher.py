@@ -2,8 +2,10 @@
 
 ``--nproc N`` (N > 1) starts ``torchrun --standalone --nproc_per_node=N`` instead (one machine;
 for several nodes call torchrun yourself with the same arguments). Free ``key=value`` arguments
-are config overrides. This module never imports ``trainers``: the trainer is a consumer of
-dali_ba, not part of it. SIGTERM/SIGUSR1/SIGINT are forwarded to the child, so pre-emption
+are config overrides, applied in order (the last word wins). The config is first checked by
+``python -m trainers.train --check`` (no torch import, well under a second), so a mistake is one
+line and exit 2 once, not once per rank under torchrun. This module never imports ``trainers``:
+the trainer is a consumer of dali_ba, not part of it. SIGTERM/SIGUSR1/SIGINT are forwarded to the child, so pre-emption
 reaches the training processes (SIGINT is ignored here: a terminal's Ctrl-C already reaches the
 child, which is in the same process group); the exit code is the child's.
 """
@@ -25,24 +27,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=1")
 
 
-def build_command(config: str, overrides: List[str], nproc: int = 1, resume: str | None = None) -> List[str]:
-    args = ["-m", "trainers.train", "--config", config, *overrides]
+def build_command(config: str, overrides: List[str], nproc: int = 1, resume: str | None = None,
+                  check: bool = False) -> List[str]:
+    args = ["-m", "trainers.train", "--config", config, *(["--check"] if check else []), *overrides]
     if resume:
         args += ["--resume", resume]
-    if nproc > 1:
+    if nproc > 1 and not check:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     return [sys.executable, *args]
 
 
 def run(args: argparse.Namespace) -> int:
-    from dali_ba.config import ConfigError, load_config
+    from dali_ba.errors import ConfigError
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc: expected a value >= 1; got {args.nproc}")
-    overrides = list(dict.fromkeys(getattr(args, "overrides", []) or []))
-    load_config(args.config, overrides)  # fail fast, with the config's own one-line message
+    overrides = list(getattr(args, "overrides", []) or [])
+    checked = subprocess.run(build_command(args.config, overrides, resume=args.resume, check=True))
+    if checked.returncode != 0:  # the check printed its one line
+        return checked.returncode
     child = subprocess.Popen(build_command(args.config, overrides, args.nproc, args.resume))
-    previous = {s: signal.signal(s, lambda signum, frame: child.send_signal(signum)) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    previous = {
+        s: signal.signal(s, lambda signum, frame: child.send_signal(signum)) for s in (signal.SIGTERM, signal.SIGUSR1)
+    }
     previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         return child.wait()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dali_ba.config import AUGMENT_RECIPES
+from dali_ba.options import AUGMENT_RECIPES
 
 LABEL_WIDTH = 110
 GAP = 4
@@ -36,17 +36,17 @@ def render_grid(root: str, views: int, images: int, augment: str, image_size: in
 
     from dali_ba.loader import BatchAugmentLoader, EvalLoader
 
-    plain = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), device="cpu", num_threads=2)
+    plain = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), device="cpu", num_threads=2, shard_id=0, num_shards=1)
     loader = BatchAugmentLoader(root, batch_size=images, num_views=views, image_size=image_size, augment=augment,
-                                seed=seed, layout="grouped", shard_id=0, num_shards=1, **plain, **options)
+                                seed=seed, layout="grouped", **plain, **options)
     batch, labels = next(iter(loader))  # [N, M, C, H, W]
     # The same files in the same order through the eval transform: the reference column.
-    files = [loader.dataset.files[i] for i in loader._epoch_indices(0)[:images]]
-    eval_loader = EvalLoader(root, batch_size=images, image_size=image_size, augment=augment, shard_id=0, num_shards=1,
-                             **plain, **{k: v for k, v in options.items() if k != "color_jitter"})
-    order = {f: i for i, f in enumerate(eval_loader.dataset.files)}
-    eval_loader.indices = np.asarray([order[f] for f in files])
+    chosen = loader.batch_indices(0, 0)
+    eval_options = {k: v for k, v in options.items() if k != "color_jitter"}
+    eval_loader = EvalLoader(root, batch_size=images, image_size=image_size, augment=augment, indices=chosen,
+                             **plain, **eval_options)
     reference, _ = next(iter(eval_loader))
+    files = [loader.dataset.files[i] for i in chosen]
 
     scale = scale or max(1, 96 // image_size)
     cell = image_size * scale

@@ -72,7 +72,7 @@ def tiny(root: Path, out: Path, /, **sections) -> dict:
         "model": {"arch": "smallnet"},
         "optim": {"lr": 0.2, "reference_batch": 8},
         "schedule": {"kind": "cosine", "warmup_epochs": 0.5},
-        "train": {"epochs": 2, "out_dir": str(out), "resume": "auto"},
+        "train": {"epochs": 2, "out_dir": str(out), "resume": "auto", "log_every": 1},
     }
     for section, keys in sections.items():
         values.setdefault(section, {}).update(keys)

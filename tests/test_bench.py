@@ -1,12 +1,11 @@
-"""`dali-ba bench`: the variants do the work they claim, produce the same output, and the CLI writes
-what it promises. No timing assertions: these run on a busy 2-core machine."""
+"""`dali-ba bench`: the variants do the work they claim, produce the same output, and the records
+hold what was measured. No speed assertions: these run on a busy 2-core machine."""
 from __future__ import annotations
 
 import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dali_ba.augment import AugmentSpec
-from dali_ba.pipeline import DecodeOptions, build_train_pipeline
+from dali_ba.options import PipelineOptions
+from dali_ba.pipeline import build_pipeline
+from dali_ba.source import TrainBatches
 
-DECODER = re.compile(r"(__Image_\d+|decode_view\d+)$")
+REPO = Path(__file__).resolve().parents[1]
+DECODER = re.compile(r"(__Image\w*_\d+|decode_view\d+)$")
+STATS = dict(exec_dynamic=False, enable_memory_stats=True)  # executor statistics name every operator
 
 
 def _decoders_run(pipe) -> list:
@@ -26,35 +28,35 @@ def _decoders_run(pipe) -> list:
     return [name for name in pipe.executor_statistics() if DECODER.search(name)]
 
 
-def _files(folder: Path, n: int = 8):
+def _source(folder: Path, n: int = 8, batch_size: int = 4) -> TrainBatches:
     files = sorted(str(p) for p in folder.rglob("*.jpg"))[:n]
-    return files, [0] * len(files)
+    return TrainBatches(files, np.zeros(len(files), np.int32), batch_size=batch_size, steps=n // batch_size,
+                        shard_id=0, num_shards=1, seed=0)
 
 
-STATS = dict(exec_dynamic=False, enable_memory_stats=True)  # executor statistics name every operator
-
-
-def test_naive_variant_really_decodes_once_per_view(image_folder):
-    files, labels = _files(image_folder)
-    common = dict(batch_size=4, num_views=3, spec=AugmentSpec(image_size=16), decode=DecodeOptions(num_threads=1),
-                  seed=1, pipeline_options=STATS)
-    naive = build_train_pipeline(files, labels, decode_per_view=True, **common)
-    fused = build_train_pipeline(files, labels, **common)
+@pytest.mark.parametrize("mode", ["full", "crop"])
+def test_naive_variants_really_decode_once_per_view(image_folder, mode):
+    spec = PipelineOptions(batch_size=4, image_size=16, num_threads=1, device="cpu")
+    common = dict(num_views=3, seed=1, pipeline_options=STATS)
+    naive = build_pipeline(_source(image_folder), spec, decode_per_view=mode, **common)
+    fused = build_pipeline(_source(image_folder), spec, **common)
     assert len(_decoders_run(naive)) == 3
     assert len(_decoders_run(fused)) == 1
 
 
 def test_dali_merges_identical_unnamed_decoders(image_folder):
-    """Why the naive variant names its decoders: three identical ones silently become one."""
+    """Why the naive variants name their decoders: three identical ones silently become one."""
     from nvidia.dali import fn, pipeline_def, types
 
-    files, _ = _files(image_folder)
+    files = sorted(str(p) for p in image_folder.rglob("*.jpg"))[:8]
 
     @pipeline_def(batch_size=4, num_threads=1, device_id=None, seed=1, **STATS)
     def three_decoders():
         encoded, _ = fn.readers.file(files=files)
-        return tuple(fn.random_resized_crop(fn.decoders.image(encoded, device="cpu", output_type=types.RGB), size=(8, 8))
-                     for _ in range(3))
+        return tuple(
+            fn.random_resized_crop(fn.decoders.image(encoded, device="cpu", output_type=types.RGB), size=(8, 8))
+            for _ in range(3)
+        )
 
     pipe = three_decoders()
     pipe.build()
@@ -64,33 +66,44 @@ def test_dali_merges_identical_unnamed_decoders(image_folder):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fused_views_equal_m_ordinary_branches(image_folder, channels_last):
     """The fused M-view graph (one decode, M outputs) gives bit for bit what M ordinary
-    single-view branches (crop → normalise with mirror) stacked in float give, and the loader's
-    assembled batch holds exactly those views."""
+    single-view branches (crop → normalise with mirror) stacked in float give."""
     from nvidia.dali import fn, pipeline_def, types
 
-    files, labels = _files(image_folder, 12)
-    spec = AugmentSpec(image_size=24, channels_last=channels_last)
-    pipe = build_train_pipeline(files, labels, batch_size=4, num_views=3, spec=spec,
-                                decode=DecodeOptions(num_threads=1), seed=5)
+    spec = PipelineOptions(batch_size=4, image_size=24, channels_last=channels_last, num_threads=1, device="cpu")
+    source = _source(image_folder, 12)
+    pipe = build_pipeline(source, spec, num_views=3, seed=5)
 
-    @pipeline_def(batch_size=4, num_threads=1, device_id=None, seed=5, enable_checkpointing=True)
+    @pipeline_def(batch_size=4, num_threads=1, device_id=None, seed=5)
     def ordinary():
-        encoded, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name="Reader")
-        decoded = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+        decoded = fn.decoders.image(
+            fn.io.file.read(fn.external_source(name="paths")), device="cpu", output_type=types.RGB
+        )
         views = []
         for _ in range(3):  # the same operators, created in the same order (so the same seeds)
-            crop = fn.random_resized_crop(decoded, size=(24, 24), random_area=(0.08, 1.0),
-                                          random_aspect_ratio=(3 / 4, 4 / 3))
-            views.append(fn.crop_mirror_normalize(
-                crop, mirror=fn.random.coin_flip(), dtype=types.FLOAT, output_layout="HWC" if channels_last else "CHW",
-                mean=[m * 255 for m in spec.mean], std=[s * 255 for s in spec.std]))
-        return fn.stack(*views), label
+            crop = fn.random_resized_crop(
+                decoded, size=(24, 24), random_area=(0.08, 1.0), random_aspect_ratio=(3 / 4, 4 / 3)
+            )
+            views.append(
+                fn.crop_mirror_normalize(
+                    crop,
+                    mirror=fn.random.coin_flip(),
+                    dtype=types.FLOAT,
+                    output_layout="HWC" if channels_last else "CHW",
+                    mean=[m * 255 for m in spec.mean],
+                    std=[s * 255 for s in spec.std],
+                )
+            )
+        return fn.stack(*views)
 
     ref = ordinary()
     ref.build()
+    for step in range(2):
+        ref.feed_input(
+            "paths", [np.frombuffer(source.files[i].encode(), np.uint8) for i in source.batch_indices(0, step)]
+        )
     for _ in range(2):
         *views, _ = pipe.run()
-        theirs, _ = ref.run()
+        (theirs,) = ref.run()
         a, b = np.stack([np.array(v.as_tensor()) for v in views], axis=1), np.array(theirs.as_tensor())
         assert a.shape == b.shape == ((4, 3, 24, 24, 3) if channels_last else (4, 3, 3, 24, 24))
         assert np.array_equal(a, b)
@@ -108,21 +121,35 @@ def _flat_colour_folder(root: Path, count: int = 12) -> dict:
     return colours
 
 
-@pytest.mark.parametrize("variant", ["dali-fused", "dali-naive", "torchvision", "dali-fused-noaa"])
-def test_variants_give_the_same_output(tmp_path, variant):
+@pytest.mark.parametrize(
+    "variant, views",
+    [
+        ("dali-fused", 3),
+        ("dali-naive", 3),
+        ("dali-naive-crop", 3),
+        ("dali-rebuild", 3),
+        ("dali-fused-noaa", 3),
+        ("torchvision", 3),
+        ("dali-rn50", 1),
+    ],
+)
+def test_variants_give_the_same_output(tmp_path, variant, views):
     """Same shape, dtype, channel order and normalisation, labels repeated per view, in every variant."""
-    from dali_ba.bench_loader import MEAN, STD, Case, LoaderBenchSettings, start
+    from benchmarks.loader_bench import Case, LoaderBenchSettings
+    from benchmarks.variants import MEAN, STD, start
 
     colours = _flat_colour_folder(tmp_path)
     s = LoaderBenchSettings(root=str(tmp_path), batch_size=4, threads=1, image_size=20, device="cpu")
-    source = start(s, Case(variant, 3))
+    source = start(s, Case(variant, views))
     try:
+        assert source.position == 0
         images, labels = source.next_batch()
+        assert source.position == 1
     finally:
         source.close()
-    assert images.shape == (12, 3, 20, 20) and images.dtype == torch.float32
-    assert labels.shape == (12,) and labels.dtype == torch.long
-    assert torch.equal(labels, labels[::3].repeat_interleave(3))
+    assert images.shape == (4 * views, 3, 20, 20) and images.dtype == torch.float32
+    assert labels.shape == (4 * views,) and labels.dtype == torch.long
+    assert torch.equal(labels, labels[::views].repeat_interleave(views))
     pixels = images * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
     for view, label in zip(pixels, labels):
         rgb = (view.mean(dim=(1, 2)) * 255).tolist()
@@ -133,12 +160,19 @@ def test_variants_give_the_same_output(tmp_path, variant):
 
 
 def test_process_tree_cpu_counts_live_children():
-    from dali_ba.bench_loader import process_tree_cpu_seconds
+    from benchmarks.loader_bench import process_tree_cpu_seconds
 
     before = process_tree_cpu_seconds()
-    child = subprocess.Popen([sys.executable, "-c", "import time\nt=time.process_time()\n"
-                              "while time.process_time()-t<0.5: pass\nprint('done', flush=True)\ntime.sleep(60)"],
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nt=time.process_time()\n"
+            "while time.process_time()-t<0.5: pass\nprint('done', flush=True)\ntime.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout.readline().strip() == "done"  # the child has burnt 0.5 s of CPU and lives on
         assert process_tree_cpu_seconds() - before > 0.4  # counted although it has not exited
@@ -147,32 +181,70 @@ def test_process_tree_cpu_counts_live_children():
         child.wait()
 
 
-def test_cli_loader_end_to_end_writes_json_table_and_plot(tmp_path, image_folder, capsys):
+def _git_head() -> str:
+    return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+def test_cli_loader_records_what_it_measured(tmp_path, image_folder, capsys):
+    """The record holds one result per case, counts that add up, the epoch-boundary measurement of
+    short epochs, and the commit it ran; the table and the plot are written."""
     from dali_ba.cli import main
 
     out, png = tmp_path / "r.json", tmp_path / "r.png"
-    rc = main(["bench", "loader", "--root", str(image_folder), "--views", "1,2", "--batch-size", "4",
-               "--threads", "1", "--repeats", "1", "--batches", "2", "--warmup", "1", "--image-size", "16", "--min-seconds", "0",
-               "--device", "cpu", "--json", str(out), "--plot", str(png)])
+    rc = main(
+        [
+            "bench",
+            "loader",
+            "--root",
+            str(image_folder),
+            "--views",
+            "1,2",
+            "--batch-size",
+            "4",
+            "--variants",
+            "dali-fused,dali-rebuild,dali-naive",
+            "--threads",
+            "1",
+            "--repeats",
+            "1",
+            "--batches",
+            "9",
+            "--warmup",
+            "1",
+            "--image-size",
+            "16",
+            "--min-seconds",
+            "0",
+            "--epoch-images",
+            "16",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+        ]
+    )
     assert rc == 0
     record = json.loads(out.read_text())
-    assert {"machine", "versions", "results", "command", "settings"} <= set(record)
+    assert record["git_commit"] == _git_head() and isinstance(record["git_dirty"], bool)
     assert record["versions"]["dali"] and record["versions"]["torch"]
-    assert len(record["results"]) == 6  # 3 variants × 2 values of M
+    assert {(r["variant"], r["num_views"]) for r in record["results"]} == {
+        (v, m) for v in ("dali-fused", "dali-rebuild", "dali-naive") for m in (1, 2)
+    }
     for r in record["results"]:
-        assert {"variant", "num_views", "images_per_s", "views_per_s", "cpu_s_per_image", "repeats"} <= set(r)
-        assert r["variant"] in ("dali-fused", "dali-naive", "torchvision") and r["num_views"] in (1, 2)
-        assert r["views_per_s"] == pytest.approx(r["images_per_s"] * r["num_views"])
-        assert len(r["repeats"]) == 1 and r["cpu_s_per_image"] > 0
-    assert set(record["ratios"]) == {"M=1", "M=2"}
+        (run,) = r["repeats"]
+        assert run["images"] == 4 * 9 and run["images_per_s"] == pytest.approx(run["images"] / run["wall_s"])
+        assert run["first_position"] == 1 and run["epoch_starts"] == 2  # 16 images / 4: epochs of 4 batches
+        assert "epoch_boundary_s" in r and r["views_per_s"] == pytest.approx(r["images_per_s"] * r["num_views"])
+    assert set(record["ratios"]) == {"M=1", "M=2"} and "images_per_s_vs_dali-rebuild" in record["ratios"]["M=2"]
     assert png.read_bytes()[:4] == b"\x89PNG"
     table = capsys.readouterr().out
-    assert "| variant | M |" in table and "| dali-fused | 2 |" in table
+    assert "| dali-fused | 2 |" in table and "| dali-rebuild | 2 |" in table
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
-@pytest.mark.parametrize("extra", [["--device", "cuda"], ["--preset", "dali-rn50"],
-                                   ["--device", "cpu", "--hw-decoder-load", "0.12"]])
+@pytest.mark.parametrize("extra", [["--device", "cuda"], ["--device", "cpu", "--hw-decoder-load", "0.12"]])
 def test_gpu_settings_refuse_clearly_without_a_gpu(image_folder, capsys, extra):
     from dali_ba.cli import main
 
@@ -181,19 +253,82 @@ def test_gpu_settings_refuse_clearly_without_a_gpu(image_folder, capsys, extra):
     assert "dali-ba: error:" in err and ("GPU" in err or "--device cuda" in err)
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_cli_train_reports_the_data_wait_fraction(tmp_path, image_folder, compiled):
+def test_a_bad_output_path_is_refused_before_measuring(image_folder, tmp_path, capsys):
+    from dali_ba.cli import main
+
+    assert main(["bench", "loader", "--root", str(image_folder), "--plot", str(tmp_path)]) == 2
+    assert "--plot" in capsys.readouterr().err
+
+
+def _tiny_config(tmp_path: Path, image_folder: Path) -> Path:
     config = tmp_path / "tiny.yaml"
-    config.write_text(f"data:\n  train_root: {image_folder}\n  batch_size: 4\n  num_views: 2\n  image_size: 16\n"
-                      "  device: cpu\n  num_threads: 1\nmodel:\n  arch: smallnet\n")
+    config.write_text(
+        f"data:\n  train_root: {image_folder}\n  batch_size: 4\n  num_views: 2\n  image_size: 16\n"
+        "  device: cpu\n  num_threads: 1\nmodel:\n  arch: smallnet\n"
+    )
+    return config
+
+
+def test_train_bench_times_the_trainers_step_and_sees_a_slow_loader(tmp_path, image_folder, monkeypatch):
+    """Both phases run the trainer's own step (Engine.step), and a loader made 80 ms slower per
+    batch shows up as most of the real phase's time."""
+    import time
+
+    from benchmarks.train_bench import run_train_bench
+    from dali_ba.loader import BatchAugmentLoader
+    from trainers.config import load_config
+    from trainers.engine import Engine
+
+    calls, original_step, original_iter = [], Engine.step, BatchAugmentLoader.__iter__
+
+    def counted_step(self, *args):
+        calls.append(args[-1])
+        return original_step(self, *args)
+
+    def slow_iter(self):
+        for batch in original_iter(self):
+            time.sleep(0.08)
+            yield batch
+
+    monkeypatch.setattr(Engine, "step", counted_step)
+    monkeypatch.setattr(BatchAugmentLoader, "__iter__", slow_iter)
+    cfg = load_config(_tiny_config(tmp_path, image_folder), ["train.view_chunks=2"])
+    summary, rows = run_train_bench(cfg, steps=3, warmup=1, rounds=1, min_seconds=0, log=lambda line: None)
+    assert len(calls) == 2 * (1 + 3)  # warm-up and timed steps, both phases
+    assert [r["phase"] for r in rows] == ["real", "synthetic"]
+    assert summary["data_wait_fraction"] > 0.5 and summary["data_bound"]
+    assert rows[0]["data_wait_s"] >= 3 * 0.08 and rows[1]["data_wait_s"] < 0.01
+
+
+def test_cli_train_writes_its_record(tmp_path, image_folder):
     out = tmp_path / "train.json"
-    proc = subprocess.run([sys.executable, "-m", "dali_ba.cli", "bench", "train", "--config", str(config),
-                           "--steps", "2", "--warmup", "1", "--rounds", "1", "--json", str(out), "data.num_views=3",
-                           f"train.compile={str(compiled).lower()}"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dali_ba.cli",
+            "bench",
+            "train",
+            "--config",
+            str(_tiny_config(tmp_path, image_folder)),
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--rounds",
+            "1",
+            "--json",
+            str(out),
+            "data.num_views=3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "data-wait fraction" in proc.stdout
-    summary = json.loads(out.read_text())["summary"]
-    assert 0.0 <= summary["data_wait_fraction"] <= 1.0
+    record = json.loads(out.read_text())
+    assert record["git_commit"] == _git_head() and record["config"]["data"]["num_views"] == 3
+    summary = record["summary"]
     assert summary["real_samples_per_s"] == pytest.approx(3 * summary["real_images_per_s"])
-    assert summary["compiled"] is compiled
+    assert [r["phase"] for r in record["rounds"]] == ["real", "synthetic"]

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import write_image_folder, write_indexed_folder
+
 from trainers import checkpoint as ckpt
 from trainers.loop import PREEMPTED
 from trainers.metrics import read_metrics
@@ -50,13 +50,13 @@ WORKER = textwrap.dedent('''
                 seen.flush()
                 batches[0] += 1
                 if batches[0] == signal_at and rank == 1:
-                    os.kill(os.getpid(), signal.SIGTERM)  # arrives while this step is trained
+                    os.kill(os.getpid(), signal.SIGTERM)  # arrives while this batch is fetched
                 yield images, labels
         finally:
             gen.close()
 
     def spy_save(paths, env, **kw):
-        torch.save(kw["model"].state_dict(), os.path.join(spy, f"rank{{rank}}_step{{kw['step']}}.pt"))
+        torch.save(kw["engine"].model.state_dict(), os.path.join(spy, f"rank{{rank}}_step{{kw['step']}}.pt"))
         return original_save(paths, env, **kw)
 
     L.BatchAugmentLoader.__iter__, C.save_checkpoint = spy_iter, spy_save
@@ -82,7 +82,8 @@ def launch(data: Path, tmp: Path, name: str, signal_at: int = 0, timeout: int = 
         "model": {"arch": "smallnet"},
         "optim": {"lr": 0.1, "reference_batch": B},
         "eval": {"batch_size": 4},
-        "train": {"epochs": EPOCHS, "out_dir": str(out), "checkpoint_every": 4, "eval_every": 6, "seed": 3},
+        "train": {"epochs": EPOCHS, "out_dir": str(out), "checkpoint_every": 4, "eval_every": 6, "seed": 3,
+                  "log_every": 1},
         "diagnostics": {"every": 5},
     }
     (tmp / f"{name}.yaml").write_text(yaml.safe_dump(config))
@@ -155,8 +156,10 @@ def test_sigterm_on_one_rank_stops_both_and_resume_matches_the_straight_run(data
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / PREEMPTED).is_file()
     state = ckpt.load(out / "checkpoints" / ckpt.LAST)
-    assert state["step"] == 8  # the step during which rank 1 got SIGTERM; rank 0 stopped with it
-    assert [s["step"] for s in state["loader"]] == [2, 2]  # mid-epoch (6 steps per epoch)
+    # Rank 1 got SIGTERM while fetching the 8th batch: the ranks agree on it before training that
+    # step, so both checkpoint after step 7 with their loaders at the 8th batch (not trained, not lost).
+    assert state["step"] == 7
+    assert [(s["epoch"], s["step"]) for s in state["loader"]] == [(1, 1), (1, 1)]  # mid-epoch (6 steps per epoch)
     assert read_metrics(out / "metrics.jsonl", "event")[-1]["event"] == "preempted"
 
     again, out, _ = launch(data, tmp_path, "preempted")

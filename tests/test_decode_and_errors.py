@@ -4,12 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import write_image_folder
 from PIL import Image
 
-from conftest import write_image_folder
 from dali_ba import BatchAugmentLoader, EvalLoader, load_config
-from dali_ba.config import ConfigError
-from dali_ba.errors import DatasetError, DecodeError
+from dali_ba.errors import ConfigError, DatasetError, DecodeError
 
 
 def write_odd_images(folder):
@@ -33,7 +32,9 @@ def test_odd_valid_images_decode(tmp_path, augment):
                                 augment=augment, num_threads=1, device="cpu")
     images, labels = next(iter(loader))
     assert images.shape == (2 * len(names), 3, 20, 20) and torch.isfinite(images).all()
-    evaluated = sum(len(x) for x, _ in EvalLoader(tmp_path / "odd", batch_size=4, image_size=20, augment=augment, device="cpu"))
+    evaluated = sum(
+        len(x) for x, _ in EvalLoader(tmp_path / "odd", batch_size=4, image_size=20, augment=augment, device="cpu")
+    )
     assert evaluated == len(names)
 
 
@@ -62,12 +63,15 @@ def test_hidden_and_non_image_files_are_skipped(tmp_path):
     assert next(iter(loader))[0].shape == (8, 3, 16, 16)
 
 
-@pytest.mark.parametrize("override, culprit", [
-    ("data.num_views=0", "data.num_views"),
-    ("data.bogus_key=1", "data.bogus_key"),
-    ("data.batch_size=many", "data.batch_size"),
-    ("data.augment=autoaugment", "data.augment"),
-])
+@pytest.mark.parametrize(
+    "override, culprit",
+    [
+        ("data.num_views=0", "data.num_views"),
+        ("data.bogus_key=1", "data.bogus_key"),
+        ("data.batch_size=many", "data.batch_size"),
+        ("data.augment=autoaugment", "data.augment"),
+    ],
+)
 def test_bad_config_names_the_key(tmp_path, override, culprit):
     recipe = tmp_path / "run.yaml"
     recipe.write_text("data:\n  num_views: 4\n")

@@ -24,8 +24,17 @@ def test_gpu_views_are_cuda_tensors_and_differ(image_folder, augment):
 
 
 def test_gpu_flat_fp16_channels_last_and_eval(image_folder):
-    loader = BatchAugmentLoader(image_folder, batch_size=4, num_views=2, image_size=32, device="cuda",
-                                dtype="float16", channels_last=True, preallocate_width_hint=100, preallocate_height_hint=100)
+    loader = BatchAugmentLoader(
+        image_folder,
+        batch_size=4,
+        num_views=2,
+        image_size=32,
+        device="cuda",
+        dtype="float16",
+        channels_last=True,
+        preallocate_width_hint=100,
+        preallocate_height_hint=100,
+    )
     images, labels = next(iter(loader))
     assert images.is_cuda and images.dtype == torch.float16 and images.shape == (8, 3, 32, 32)
     assert images.is_contiguous(memory_format=torch.channels_last)

@@ -35,9 +35,17 @@ print(json.dumps({"tuned": tuned, "faults": resource.getrusage(resource.RUSAGE_S
 
 
 def _run(mode: str, **env) -> dict:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
-    out = subprocess.run([sys.executable, "-c", STEPS, mode], env={**clean, **env}, capture_output=True,
-                         text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("LD_PRELOAD", "GLIBC_TUNABLES")
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", STEPS, mode],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

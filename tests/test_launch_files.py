@@ -206,7 +206,7 @@ def _load(path: Path) -> dict:
 
 def _validate_overrides(overrides: list[str]) -> None:
     """The trainer's key=value overrides must be real config keys with valid values."""
-    from dali_ba.config import config_from_dict, load_config
+    from trainers.config import config_from_dict, load_config
 
     pipeline = ROOT / "pipelines" / "imagenet-resnet50-ba4.yaml"
     if pipeline.exists():
@@ -232,7 +232,7 @@ def test_k8s_pytorchjob_structure(path):
     assert set(replicas) <= {"Master", "Worker"} and "Worker" in replicas
 
     images, commands = set(), []
-    for role, rspec in replicas.items():
+    for _role, rspec in replicas.items():
         assert rspec["replicas"] >= 1 and rspec["restartPolicy"] in ("OnFailure", "ExitCode")
         pod = rspec["template"]["spec"]
         (container,) = [c for c in pod["containers"] if c["name"] == "pytorch"]  # the operator's name
@@ -418,7 +418,7 @@ def test_slurm_dry_run_options(stub_bin):
     assert "--container-image=/shared/dali-ba.sqsh" in srun
     assert "--container-mounts=/lustre/imagenet:/lustre/imagenet:ro,/lustre/runs:/lustre/runs" in srun
     assert "--container-workdir=/opt/dali-ba" in srun
-    for node_id, (_, argv) in out["nodes"].items():
+    for _node, (_, argv) in out["nodes"].items():
         assert _opts(argv)["nproc-per-node"] == "4"
         assert not any(a.startswith("data.num_threads=") for a in argv), "DALI_THREADS=config"
         assert "data.train_root=/lustre/imagenet/train" in argv and "train.out_dir=/lustre/runs/x" in argv

@@ -6,8 +6,8 @@ import itertools
 import numpy as np
 import pytest
 import torch
-
 from conftest import index_of, write_indexed_folder
+
 from dali_ba import BatchAugmentLoader, EvalLoader
 from dali_ba.errors import DatasetError
 
@@ -60,8 +60,20 @@ def test_ranks_read_disjoint_shards_that_change_every_epoch(tmp_path):
     root = write_indexed_folder(tmp_path, 24)
     seen = {}
     for rank in range(3):
-        loader = BatchAugmentLoader(root, batch_size=2, num_views=1, image_size=16, augment="cifar", pad=0,
-                                    shard_id=rank, num_shards=3, mean=(0, 0, 0), std=(1, 1, 1), num_threads=1, device="cpu")
+        loader = BatchAugmentLoader(
+            root,
+            batch_size=2,
+            num_views=1,
+            image_size=16,
+            augment="cifar",
+            pad=0,
+            shard_id=rank,
+            num_shards=3,
+            mean=(0, 0, 0),
+            std=(1, 1, 1),
+            num_threads=1,
+            device="cpu",
+        )
         assert len(loader) == 4
         seen[rank] = [index_of(img) for images, _ in loader for img in images]
         seen[(rank, 1)] = [index_of(img) for images, _ in loader for img in images]  # epoch 1
@@ -113,29 +125,23 @@ def test_load_state_dict_refuses_another_configuration(image_folder):
         other.load_state_dict(state)
 
 
-def test_a_state_of_an_older_graph_is_refused_and_set_epoch_keeps_the_order(image_folder):
-    """Format 1 (before the views became separate outputs) holds a DALI checkpoint of operators
-    this graph no longer has: a clear error, and the documented way on keeps the data order."""
-    from dali_ba.errors import StaleLoaderState
-
-    loader = BatchAugmentLoader(image_folder, num_views=2, seed=4, **SMALL)
-    straight = [labels for _, labels in loader]
-    state = loader.state_dict()
-    state.update(format=1, epoch=0, step=2)
-    again = BatchAugmentLoader(image_folder, num_views=2, seed=4, **SMALL)
-    with pytest.raises(StaleLoaderState, match="loader state format 1 is not 2"):
-        again.load_state_dict(state)
-    again.set_epoch(0, step=2)
-    assert all(torch.equal(a, b) for a, b in zip([labels for _, labels in again], straight[2:], strict=True))
-
-
 @pytest.mark.parametrize("num_shards", [1, 2, 3])
 def test_eval_sees_every_image_exactly_once(tmp_path, num_shards):
     root = write_indexed_folder(tmp_path, 29, classes=3)
     seen = []
     for shard in range(num_shards):
-        loader = EvalLoader(root, batch_size=4, image_size=16, augment="cifar", shard_id=shard, num_shards=num_shards,
-                            mean=(0, 0, 0), std=(1, 1, 1), num_threads=1, device="cpu")
+        loader = EvalLoader(
+            root,
+            batch_size=4,
+            image_size=16,
+            augment="cifar",
+            shard_id=shard,
+            num_shards=num_shards,
+            mean=(0, 0, 0),
+            std=(1, 1, 1),
+            num_threads=1,
+            device="cpu",
+        )
         for images, labels in loader:
             assert images.shape[1:] == (3, 16, 16) and len(images) == len(labels)
             seen.extend(index_of(img) for img in images)
@@ -169,24 +175,32 @@ def test_m1_is_an_ordinary_dali_training_pipeline(image_folder):
     images, labels = next(iter(loader))
     from dali_ba.sharding import augment_seed
 
-    indices = loader._epoch_indices(0)
+    indices = loader.batch_indices(0, 0)
 
-    @pipeline_def(batch_size=4, num_threads=1, device_id=None, seed=augment_seed(7, 0, 0))
+    @pipeline_def(batch_size=4, num_threads=1, device_id=None, seed=augment_seed(7, 0, 0, 0))
     def ordinary():
-        jpegs, label = fn.readers.file(files=[loader.dataset.files[i] for i in indices],
-                                       labels=[int(loader.dataset.labels[i]) for i in indices])
+        jpegs = fn.io.file.read(fn.external_source(name="paths"))
         decoded = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+        crop = fn.random_resized_crop(
+            decoded, size=(24, 24), random_area=(0.08, 1.0), random_aspect_ratio=(3 / 4, 4 / 3)
+        )
         flip = fn.random.coin_flip()
-        crop = fn.random_resized_crop(decoded, size=(24, 24), random_area=(0.08, 1.0), random_aspect_ratio=(3 / 4, 4 / 3))
-        out = fn.crop_mirror_normalize(crop, mirror=flip, dtype=types.FLOAT, output_layout="CHW",
-                                       mean=[0.485 * 255, 0.456 * 255, 0.406 * 255], std=[0.229 * 255, 0.224 * 255, 0.225 * 255])
-        return out, label
+        out = fn.crop_mirror_normalize(
+            crop,
+            mirror=flip,
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            mean=[0.485 * 255, 0.456 * 255, 0.406 * 255],
+            std=[0.229 * 255, 0.224 * 255, 0.225 * 255],
+        )
+        return out
 
     pipe = ordinary()
     pipe.build()
-    out, label = pipe.run()
+    pipe.feed_input("paths", [np.frombuffer(loader.dataset.files[i].encode(), np.uint8) for i in indices])
+    (out,) = pipe.run()
     assert torch.equal(images, torch.from_numpy(np.array(out.as_tensor())))
-    assert torch.equal(labels, torch.from_numpy(np.array(label.as_tensor())).reshape(-1).long())
+    assert torch.equal(labels, torch.from_numpy(loader.dataset.labels[indices]).long())
 
 
 def test_batch_larger_than_shard_is_a_clear_error(image_folder):
@@ -201,3 +215,88 @@ def test_trivial_augment_and_colour_jitter_per_view(image_folder):
     for b in range(4):
         for i, j in itertools.combinations(range(3), 2):
             assert not torch.equal(images[b, i], images[b, j])
+
+
+def test_one_pipeline_per_loader_over_three_epochs_and_two_evaluations(image_folder, monkeypatch):
+    """The train pipeline is built once and reset at each epoch's end; the eval pipeline once and
+    reused: counted on DALI's own Pipeline.build, not only on the loader's counter."""
+    from nvidia.dali.pipeline import Pipeline
+
+    built = []
+    original = Pipeline.build
+
+    def counting_build(self, *args, **kwargs):
+        if not self._built:
+            built.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "build", counting_build)
+    train = BatchAugmentLoader(image_folder, num_views=2, **SMALL)
+    val = EvalLoader(image_folder, batch_size=5, image_size=24, num_threads=1, device="cpu", classes=train.classes)
+    batches, evaluated = 0, []
+    for _ in range(3):
+        batches += sum(1 for _ in train)
+        if len(evaluated) < 2:
+            evaluated.append(sum(len(labels) for _, labels in val))
+    assert batches == 3 * len(train) and evaluated == [48, 48]
+    assert train.pipeline_builds == 1 and val.pipeline_builds == 1
+    assert len(built) == 2
+
+
+def test_resume_says_what_it_did(image_folder, tmp_path):
+    """Exact; the file list changed (same step, new shuffle); other augmentation settings refused."""
+    import shutil
+
+    from dali_ba.errors import LoaderStateError
+
+    opts = dict(num_views=2, seed=3, augment="imagenet", **SMALL)
+    loader = BatchAugmentLoader(image_folder, **opts)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    state, expected = loader.state_dict(), next(it)[0]
+    again = BatchAugmentLoader(image_folder, **opts)
+    resumed = again.resume(state)
+    assert resumed.exact and resumed.message is None and torch.equal(next(iter(again))[0], expected)
+
+    smaller = tmp_path / "smaller"
+    shutil.copytree(image_folder, smaller)
+    next((smaller / "class_1").iterdir()).unlink()
+    other = BatchAugmentLoader(smaller, **opts)
+    resumed = other.resume(state)
+    assert not resumed.exact and "48 files then, 47 now" in resumed.message
+    assert (other.epoch, other.step) == (0, 3)
+
+    with pytest.raises(LoaderStateError, match="color_jitter: saved 0.0, now 0.2"):
+        BatchAugmentLoader(image_folder, color_jitter=0.2, **opts).resume(state)
+    with pytest.raises(LoaderStateError, match="num_views: saved 2, now 3"):
+        BatchAugmentLoader(image_folder, **{**opts, "num_views": 3}).resume(state)
+
+
+def test_batch_indices_name_the_images_of_each_step(tmp_path):
+    root = write_indexed_folder(tmp_path, 24)
+    loader = BatchAugmentLoader(root, batch_size=2, num_views=2, image_size=16, augment="cifar", pad=0,
+                                shard_id=1, num_shards=3, mean=(0, 0, 0), std=(1, 1, 1), num_threads=1, device="cpu")
+    for step, (images, _) in enumerate(loader):
+        expected = [int(loader.dataset.files[i].split("/")[-1][:3]) for i in loader.batch_indices(0, step)]
+        assert [index_of(img) for img in images[::2]] == expected
+
+
+@pytest.mark.parametrize("explicit, local_rank, distributed, visible, current, expected", [
+    (None, 3, True, 8, 0, 3),  # torchrun without set_device: LOCAL_RANK's GPU, not cuda:0
+    (None, 3, False, 8, 0, 0),  # no process group: torch's current device
+    (None, 3, True, 1, 0, 0),  # one GPU visible per process (SLURM binding)
+    (5, 3, True, 8, 0, 5),  # explicit device_id wins
+])
+def test_the_loader_picks_the_gpu_of_its_rank(explicit, local_rank, distributed, visible, current, expected):
+    from dali_ba.pipeline import pick_device_id
+
+    assert pick_device_id(explicit, local_rank, distributed, visible, current) == expected
+
+
+def test_a_device_id_that_does_not_exist_is_a_clear_error():
+    from dali_ba.errors import ConfigError
+    from dali_ba.pipeline import pick_device_id
+
+    with pytest.raises(ConfigError, match="device_id: expected 0 <= device_id < 2"):
+        pick_device_id(4, None, False, 2, 0)

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import index_of, write_indexed_folder
 from PIL import Image
 
-from conftest import index_of, write_indexed_folder
 from dali_ba import BatchAugmentLoader, EvalLoader
 from dali_ba.data.verify import DEFAULT_MAX_PIXELS, verify_files
 from dali_ba.errors import DatasetError, DecodeError
@@ -98,7 +98,9 @@ def test_verify_cli_finds_exactly_the_undecodable_files_with_reasons_and_a_clean
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     lines = done.stdout.splitlines()
-    named = sorted(line.split(": ", 1)[0] for line in lines if line.startswith(str(root)) and "class folder" not in line)
+    named = sorted(
+        line.split(": ", 1)[0] for line in lines if line.startswith(str(root)) and "class folder" not in line
+    )
     assert named == bad  # every undecodable file, and only those
     reason = {Path(line.split(": ", 1)[0]).name: line.split(": ", 1)[1] for line in lines if line.startswith(str(root))}
     assert "0 bytes" in reason["zero.jpg"] and "permission denied" in reason["unreadable.jpg"]
@@ -109,12 +111,15 @@ def test_verify_cli_finds_exactly_the_undecodable_files_with_reasons_and_a_clean
     assert "ignored 4 hidden or non-image entries" in done.stdout  # .DS_Store, 2 × README.txt, folder.jpg/
     listed = sorted(str(root / line.rsplit(" ", 1)[0]) for line in clean.read_text().splitlines())
     assert listed == good
-    labels = {line.rsplit(" ", 1)[0].split("/")[0]: int(line.rsplit(" ", 1)[1]) for line in clean.read_text().splitlines()}
+    labels = {
+        line.rsplit(" ", 1)[0].split("/")[0]: int(line.rsplit(" ", 1)[1]) for line in clean.read_text().splitlines()
+    }
     assert labels == {"a": 0, "b": 1}  # folder labels; the empty class c keeps index 2 for itself
 
     # The clean list trains: the loader reads it (classes = the 3 folders) and decodes every file.
-    loader = BatchAugmentLoader(root, file_list=clean, batch_size=9, num_views=2, image_size=16, device="cpu",
-                                num_threads=1)
+    loader = BatchAugmentLoader(
+        root, file_list=clean, batch_size=9, num_views=2, image_size=16, device="cpu", num_threads=1
+    )
     assert loader.classes == ["a", "b", "c_empty"] and len(loader.dataset) == 9
     images, labels = next(iter(loader))
     assert images.shape == (18, 3, 16, 16) and torch.isfinite(images).all()
@@ -130,8 +135,13 @@ def test_verify_shows_a_progress_bar_on_a_terminal(tmp_path):
         _rgb(i).save(root / "k" / f"{i}.jpg")
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
-    proc = subprocess.Popen([*CLI, "data", "verify", str(root), "--batch-size", "2"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=slave, text=True)
+    proc = subprocess.Popen(
+        [*CLI, "data", "verify", str(root), "--batch-size", "2"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        text=True,
+    )
     os.close(slave)
     chunks = []
     while True:
@@ -175,8 +185,9 @@ def test_verify_never_hands_non_images_to_dali(tmp_path):
 
 def _write_huge(path: Path, side: int, mode: str = "RGB", fmt: str = "JPEG") -> None:
     """A side×side constant image, written in a child process (PIL holds it whole in memory)."""
-    code = (f"from PIL import Image; Image.new({mode!r}, ({side}, {side}), 120).save({str(path)!r}, {fmt!r}"
-            + (", quality=90)" if fmt == "JPEG" else ")"))
+    code = f"from PIL import Image; Image.new({mode!r}, ({side}, {side}), 120).save({str(path)!r}, {fmt!r}" + (
+        ", quality=90)" if fmt == "JPEG" else ")"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
@@ -187,18 +198,29 @@ def test_verify_reports_huge_images_from_their_header_without_decoding(tmp_path)
     _write_huge(folder / "huge.png", 20000, mode="1", fmt="PNG")  # 1-bit PNG: written in ~1 s, 50 MB in memory
     _rgb(0).save(folder / "small.jpg")
     start = time.perf_counter()
-    report = verify_files([str(folder / "huge.png"), str(folder / "small.jpg")], max_pixels=DEFAULT_MAX_PIXELS,
-                          progress=False)
+    report = verify_files(
+        [str(folder / "huge.png"), str(folder / "small.jpg")], max_pixels=DEFAULT_MAX_PIXELS, progress=False
+    )
     assert time.perf_counter() - start < 20  # a decode would take minutes here and ~1.5 GB
     assert report.bad == [] and [b.path for b in report.large] == [str(folder / "huge.png")]
     assert "20000x20000 = 400.0 MP > 100 MP" in report.large[0].reason
     clean = tmp_path / "clean.txt"
-    done = subprocess.run([*CLI, "data", "verify", str(tmp_path / "big"), "--write-clean-list", str(clean)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*CLI, "data", "verify", str(tmp_path / "big"), "--write-clean-list", str(clean)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1 and "too large to train on" in done.stdout
     assert clean.read_text().splitlines() == ["k/small.jpg 0"]
-    bad_limit = subprocess.run([*CLI, "data", "verify", str(tmp_path / "big"), "--max-pixels", "-1"],
-                               cwd=REPO, capture_output=True, text=True, timeout=120)
+    bad_limit = subprocess.run(
+        [*CLI, "data", "verify", str(tmp_path / "big"), "--max-pixels", "-1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad_limit.returncode == 2 and bad_limit.stderr.strip().count("\n") == 0
     assert "--max-pixels" in bad_limit.stderr and "Traceback" not in bad_limit.stderr
 
@@ -254,13 +276,22 @@ def test_a_20000_pixel_square_jpeg_trains_within_bounded_memory(tmp_path):
 # ----------------------------------------------------------------------------- loader state
 def _broken_at(root: Path, loader: BatchAugmentLoader, step: int) -> Path:
     """The file the loader reads first in batch ``step`` of epoch 0."""
-    return Path(loader.dataset.files[loader._epoch_indices(0)[step * loader.batch_size]])
+    return Path(loader.dataset.files[loader.batch_indices(0, step)[0]])
 
 
 def test_state_after_a_decode_error_resumes_exactly_at_the_failing_batch_once_fixed(tmp_path):
     root = write_indexed_folder(tmp_path / "d", 32, classes=2)
-    opts = dict(batch_size=2, num_views=2, image_size=16, augment="imagenet", device="cpu", num_threads=1, seed=4,
-                mean=(0, 0, 0), std=(1, 1, 1))
+    opts = dict(
+        batch_size=2,
+        num_views=2,
+        image_size=16,
+        augment="imagenet",
+        device="cpu",
+        num_threads=1,
+        seed=4,
+        mean=(0, 0, 0),
+        std=(1, 1, 1),
+    )
     straight = [x for x, _ in BatchAugmentLoader(root, **opts)]
     loader = BatchAugmentLoader(root, **opts)
     victim = _broken_at(root, loader, 5)
@@ -284,14 +315,14 @@ def test_state_after_a_decode_error_resumes_exactly_at_the_failing_batch_once_fi
     # Left out instead: the state belongs to another file list, which the loader refuses...
     victim.unlink()
     smaller = BatchAugmentLoader(root, **opts)
-    with pytest.raises(ValueError, match="num_files: saved 32, now 31"):
+    with pytest.raises(ValueError, match="32 files then, 31 now"):
         smaller.load_state_dict(state)
     # ... and set_epoch(epoch, step) continues at the same step of the new list's shuffle.
     smaller.set_epoch(0, step=5)
     seen = [index_of(img) for images, _ in smaller for img in images[::2]]
     assert len(seen) == (15 - 5) * 2 and len(set(seen)) == len(seen)
     order = [index_of(img) for img in (torch.cat([x for x, _ in BatchAugmentLoader(root, **opts)])[::2])]
-    assert seen == order[5 * 2:]  # the very batches an uninterrupted epoch of the new list reads from step 5
+    assert seen == order[5 * 2 :]  # the very batches an uninterrupted epoch of the new list reads from step 5
 
 
 def test_resume_inside_an_epoch_entered_with_set_epoch_step_is_exact(tmp_path):
@@ -303,7 +334,7 @@ def test_resume_inside_an_epoch_entered_with_set_epoch_step_is_exact(tmp_path):
     for _ in range(4):
         next(batches)
     state = a.state_dict()  # epoch 2, step 7, counted in a pipeline that started at step 3
-    assert (state["epoch"], state["step"], state["skip"]) == (2, 7, 3)
+    assert (state["epoch"], state["step"], state["origin"]) == (2, 7, [2, 3])
     expected = [x for x, _ in batches]
     b = BatchAugmentLoader(root, **opts)
     b.load_state_dict(state)

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import write_image_folder, write_indexed_folder
+
 from dali_ba import BatchAugmentLoader
 from trainers import checkpoint as ckpt
 from trainers.loop import PREEMPTED
@@ -48,7 +48,7 @@ def config(data: Path, tmp: Path, name: str, **train) -> Path:
         "model": {"arch": "smallnet"},
         "optim": {"lr": 0.1, "reference_batch": B},
         "eval": {"batch_size": 4},
-        "train": {"epochs": 3, "out_dir": str(tmp / name), "eval_every": 6, "seed": SEED, **train},
+        "train": {"epochs": 3, "out_dir": str(tmp / name), "eval_every": 6, "seed": SEED, "log_every": 1, **train},
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(values))
@@ -113,7 +113,7 @@ def finish(procs: list, timeout: float) -> tuple:
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            raise AssertionError(f"still running {timeout:.0f} s later: hung")
+            raise AssertionError(f"still running {timeout:.0f} s later: hung") from None
         results.append((p.returncode, out, err))
     return time.monotonic() - start, results
 
@@ -129,7 +129,7 @@ def test_a_file_that_fails_on_one_rank_stops_both_after_a_checkpoint_and_resume_
     train = tmp_path / "train"
     shutil.copytree(data / "train", train)
     probe = BatchAugmentLoader(train, batch_size=B, shard_id=1, num_shards=2, seed=SEED, device="cpu")
-    victim = Path(probe.dataset.files[probe._epoch_indices(0)[3 * B]])  # rank 1, step 3 of epoch 0
+    victim = Path(probe.dataset.files[probe.batch_indices(0, 3)[0]])  # rank 1, step 3 of epoch 0
     original = victim.read_bytes()
     victim.write_bytes(original[: len(original) // 2])
     failing = config(data, tmp_path, "failing", dist_timeout_s=300)

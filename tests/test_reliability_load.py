@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import index_of, write_image_folder, write_indexed_folder
 from PIL import Image
 
-from conftest import index_of, write_image_folder, write_indexed_folder
 from dali_ba import BatchAugmentLoader
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def test_the_shuffle_is_a_new_permutation_every_epoch_and_ranks_stay_disjoint(tm
                  device="cpu", num_threads=1, seed=7, num_shards=2)
     loaders = [BatchAugmentLoader(root, shard_id=r, **plain) for r in (0, 1)]
     orders = []
-    for epoch in range(5):
+    for _ in range(5):
         per_rank = [[index_of(img) for images, _ in loader for img in images] for loader in loaders]
         assert not set(per_rank[0]) & set(per_rank[1])
         assert sorted(per_rank[0] + per_rank[1]) == list(range(40))  # 40 = 5 steps × 4 × 2 ranks: all used

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import last_checkpoint, tiny, write_yaml
+
 from dali_ba import BatchAugmentLoader
-from dali_ba.config import config_from_dict
 from trainers import checkpoint as ckpt
+from trainers.config import config_from_dict
 from trainers.loop import run
 from trainers.metrics import read_metrics
 from trainers.train import main as train_main
@@ -65,7 +65,7 @@ def copy_train(data: Path, tmp_path: Path) -> Path:
 def file_at_step(train: Path, step: int, seed: int = 0) -> Path:
     """The first file the single-process loader reads at ``step`` of epoch 0."""
     loader = BatchAugmentLoader(train, batch_size=8, num_views=1, image_size=8, device="cpu", seed=seed)
-    return Path(loader.dataset.files[loader._epoch_indices(0)[step * 8]])
+    return Path(loader.dataset.files[loader.batch_indices(0, step)[0]])
 
 
 def error_lines(stderr: str) -> list:
@@ -131,21 +131,36 @@ def test_decode_error_then_the_file_left_out_resumes_on_the_clean_list(data, tmp
     assert trained == list(range(1, 15))  # steps 1-3 before the stop, 4-14 after: none twice, none lost
 
 
-def test_a_checkpoint_of_an_older_loader_graph_resumes_in_the_same_data_order(data, tmp_path, capsys):
-    """A loader state of format 1 cannot restore its DALI checkpoint (the graph changed), yet the
-    run resumes: model, optimizer and step from the checkpoint, the data at the same step."""
+def test_a_loader_state_dali_cannot_restore_resumes_in_the_same_data_order(data, tmp_path, capsys):
+    """A DALI checkpoint that DALI refuses to restore (here: damaged bytes) does not stop the run:
+    model, optimizer and step resume from the checkpoint, the data at the same step, fresh draws."""
     out = tmp_path / "run"
     assert run(config_from_dict(tiny(data, out, train={"max_steps": 3}))) == 0
     path = out / "checkpoints" / ckpt.LAST
     state = ckpt.load(path)
-    state["loader"][0]["format"] = 1
+    state["loader"][0]["dali"] = b"not a DALI checkpoint"
     ckpt.save_atomic(state, path)
     capsys.readouterr()
     assert run(config_from_dict(tiny(data, out))) == 0
     err = capsys.readouterr().err
-    assert "loader state format 1 is not 2" in err and "continues at step 3 of epoch 0 in the same order" in err
+    assert "DALI could not restore the saved state" in err
+    assert "continues at step 3 of epoch 0 in the same order" in err
+    events = [r for r in read_metrics(out / "metrics.jsonl", "event") if r["event"] == "data_changed"]
+    assert len(events) == 1 and "fresh augmentation draws" in events[0]["message"]
     trained = [r["step"] for r in read_metrics(out / "metrics.jsonl", "train")]
     assert trained == list(range(1, STEPS + 1))  # none twice, none lost
+
+
+def test_a_resume_with_other_augmentation_settings_is_one_line_and_exit_2(data, tmp_path, capsys):
+    """DALI calls restoring a checkpoint into another graph undefined behaviour: refuse it."""
+    values = tiny(data, tmp_path / "run", train={"max_steps": 3})
+    values["data"].update(augment="imagenet")
+    config = write_yaml(values, tmp_path / "run.yaml")
+    assert train_main(["--config", str(config)]) == 0
+    capsys.readouterr()
+    assert train_main(["--config", str(config), "data.color_jitter=0.4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "color_jitter: saved 0.0, now 0.4" in err[0] and "start afresh" in err[0], err
 
 
 def test_decode_error_during_validation_saves_and_stops(data, tmp_path, capsys):
@@ -213,22 +228,39 @@ def test_every_bad_config_or_argument_is_one_line_without_traceback(data, checkp
         "override without =": ([*TRAIN, "--config", cfg, "data.num_views"], "expected key=value"),
         "epochs 0": ([*TRAIN, "--config", cfg, "train.epochs=0"], "train.epochs"),
         "dist timeout 0": ([*TRAIN, "--config", cfg, "train.dist_timeout_s=0"], "train.dist_timeout_s"),
-        "train_root missing": ([*TRAIN, "--config", cfg, f"data.train_root={missing}"], f"image folder not found: {missing}"),
-        "val_root missing": ([*TRAIN, "--config", cfg, f"data.val_root={missing}"], f"image folder not found: {missing}"),
+        "train_root missing": (
+            [*TRAIN, "--config", cfg, f"data.train_root={missing}"],
+            f"image folder not found: {missing}",
+        ),
+        "val_root missing": (
+            [*TRAIN, "--config", cfg, f"data.val_root={missing}"],
+            f"image folder not found: {missing}",
+        ),
         "val classes differ": ([*TRAIN, "--config", cfg, f"data.val_root={odd_val}"], "only in val ['zebra']"),
         "empty class folder": ([*TRAIN, "--config", cfg, f"data.train_root={empty_class}"], "class_9"),
         "train_list missing": ([*TRAIN, "--config", cfg, f"data.train_list={missing}.txt"], "file list not found"),
         "batch larger than shard": ([*TRAIN, "--config", cfg, "data.batch_size=65"], "needs at least 65 images"),
-        "num_classes too small": ([*TRAIN, "--config", cfg, "model.num_classes=3"], "model.num_classes: 3 is fewer than the 4"),
+        "num_classes too small": (
+            [*TRAIN, "--config", cfg, "model.num_classes=3"],
+            "model.num_classes: 3 is fewer than the 4",
+        ),
         "resume missing": ([*TRAIN, "--config", cfg, "--resume", missing], f"train.resume: {missing} does not exist"),
-        "resume without checkpoint": ([*TRAIN, "--config", cfg, "--resume", str(checkpoints["empty_run"])],
-                                      "no checkpoint in"),
-        "resume other config": ([*TRAIN, "--config", str(other_config), "data.num_views=4", "optim.lr=0.5"],
-                                "data.num_views: checkpoint 2, now 4; optim.lr: checkpoint 0.2, now 0.5"),
-        "resume older format": ([*TRAIN, "--config", cfg, "--resume", str(checkpoints["old"])],
-                                "has checkpoint format 0, written by an older dali-ba"),
-        "resume corrupt file": ([*TRAIN, "--config", cfg, "--resume", str(checkpoints["corrupt"])],
-                                "cannot read checkpoint"),
+        "resume without checkpoint": (
+            [*TRAIN, "--config", cfg, "--resume", str(checkpoints["empty_run"])],
+            "no checkpoint in",
+        ),
+        "resume other config": (
+            [*TRAIN, "--config", str(other_config), "data.num_views=4", "optim.lr=0.5"],
+            "data.num_views: checkpoint 2, now 4; optim.lr: checkpoint 0.2, now 0.5",
+        ),
+        "resume older format": (
+            [*TRAIN, "--config", cfg, "--resume", str(checkpoints["old"])],
+            "has checkpoint format 0, written by an older dali-ba",
+        ),
+        "resume corrupt file": (
+            [*TRAIN, "--config", cfg, "--resume", str(checkpoints["corrupt"])],
+            "cannot read checkpoint",
+        ),
         "dali-ba train config missing": ([*verify_cli, "train", "--config", missing], "config file not found"),
         "dali-ba verify root missing": ([*verify_cli, "data", "verify", missing], f"image folder not found: {missing}"),
     }
@@ -277,8 +309,14 @@ def test_kill_9_in_the_middle_of_writing_a_checkpoint_keeps_the_previous_one(dat
     config = write_yaml(tiny(data, out, train={"checkpoint_every": 2}), tmp_path / "run.yaml")
     worker = tmp_path / "worker.py"
     worker.write_text(KILLING_WORKER)
-    done = subprocess.run([sys.executable, str(worker), "--config", str(config)], cwd=REPO,
-                          env={**ENV, "KILL_AT_SAVE": "3"}, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(worker), "--config", str(config)],
+        cwd=REPO,
+        env={**ENV, "KILL_AT_SAVE": "3"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     leftovers = list((out / "checkpoints").glob(".last.pt.tmp-*"))
     assert len(leftovers) == 1 and leftovers[0].stat().st_size > 0  # the half-written file
@@ -329,11 +367,12 @@ def test_kill_9_at_random_moments_never_corrupts_and_the_run_still_ends_bit_exac
     config = write_yaml(tiny(data, out, train={"checkpoint_every": 1}), tmp_path / "run.yaml")
     trials = []
     previous = 0  # the step of last.pt before this trial
-    for trial in range(4):
+    for _ in range(4):
         target = min(previous + rng.randint(1, 3), 12)
         seen = len(_metrics_lines(out))  # look only at what this run appends
-        proc = subprocess.Popen([*TRAIN, "--config", str(config)], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [*TRAIN, "--config", str(config)], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         try:
             deadline = time.monotonic() + 180
             while _last_train_step(_metrics_lines(out)[seen:]) < target and proc.poll() is None:
@@ -346,7 +385,9 @@ def test_kill_9_at_random_moments_never_corrupts_and_the_run_still_ends_bit_exac
         new = _metrics_lines(out)[seen:]
         start = json.loads(next(line for line in new if '"event": "start"' in line))
         assert start["step"] == previous  # this run resumed from the previous kill's checkpoint
-        state_step = last_checkpoint(out)["step"] if (out / "checkpoints" / ckpt.LAST).exists() else 0  # never half a file
+        state_step = (
+            last_checkpoint(out)["step"] if (out / "checkpoints" / ckpt.LAST).exists() else 0
+        )  # never half a file
         last_step = max(previous, _last_train_step(new))  # a run resumed at its end logs no train line
         assert previous <= state_step <= last_step
         trials.append({"killed_after_step": last_step, "last_pt_step": state_step})
@@ -354,8 +395,9 @@ def test_kill_9_at_random_moments_never_corrupts_and_the_run_still_ends_bit_exac
         if state_step == STEPS:
             break  # on a quiet machine the run can outrun the kill and finish: nothing left to interrupt
     print("\nkill -9 trials:", trials)
-    done = subprocess.run([*TRAIN, "--config", str(config)], cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [*TRAIN, "--config", str(config)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     final = last_checkpoint(out)
     assert final["step"] == STEPS and same_weights(final["model"], last_checkpoint(reference)["model"])
@@ -366,13 +408,23 @@ def test_kill_9_at_random_moments_never_corrupts_and_the_run_still_ends_bit_exac
 @pytest.mark.slow
 def test_same_config_and_seed_give_the_same_loss_curve_in_separate_processes(data, tmp_path):
     runs = {"a": 0, "a_again": 0, "other_seed": 1}
-    configs = {name: write_yaml(tiny(data, tmp_path / name, train={"seed": seed, "max_steps": 10},
-                                     data={"augment": "imagenet", "color_jitter": 0.3}),
-                                tmp_path / f"{name}.yaml") for name, seed in runs.items()}
+    configs = {
+        name: write_yaml(
+            tiny(
+                data,
+                tmp_path / name,
+                train={"seed": seed, "max_steps": 10},
+                data={"augment": "imagenet", "color_jitter": 0.3},
+            ),
+            tmp_path / f"{name}.yaml",
+        )
+        for name, seed in runs.items()
+    }
 
     def train(name):
-        return subprocess.run([*TRAIN, "--config", str(configs[name])], cwd=REPO, env=ENV, capture_output=True,
-                              text=True, timeout=300)
+        return subprocess.run(
+            [*TRAIN, "--config", str(configs[name])], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300
+        )
 
     with ThreadPoolExecutor(3) as pool:
         for done in pool.map(train, runs):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from dali_ba.config import config_from_dict
+from trainers.config import config_from_dict
 from trainers.schedule import LRSchedule, batch_ratio, build_schedule, scaled_lr, total_steps
 
 
@@ -50,26 +50,43 @@ def test_build_schedule_from_config_epochs_to_steps():
 
 
 def test_ba_keeps_the_baseline_schedule_unless_asked():
-    common = dict(optim={"lr": 0.1, "reference_batch": 64}, schedule={"kind": "cosine", "warmup_epochs": 1}, train={"epochs": 2})
+    common = dict(
+        optim={"lr": 0.1, "reference_batch": 64}, schedule={"kind": "cosine", "warmup_epochs": 1}, train={"epochs": 2}
+    )
     base = build_schedule(cfg(data={"batch_size": 64, "num_views": 1}, **common), 100, 1)
     ba = build_schedule(cfg(data={"batch_size": 64, "num_views": 4}, **common), 100, 1)
     assert base == ba
-    linear_views = build_schedule(cfg(data={"batch_size": 64, "num_views": 4},
-                                      optim={"lr": 0.1, "reference_batch": 64, "lr_scaling": "linear", "scale_with_views": True},
-                                      schedule=common["schedule"], train=common["train"]), 100, 1)
+    linear_views = build_schedule(
+        cfg(
+            data={"batch_size": 64, "num_views": 4},
+            optim={"lr": 0.1, "reference_batch": 64, "lr_scaling": "linear", "scale_with_views": True},
+            schedule=common["schedule"],
+            train=common["train"],
+        ),
+        100,
+        1,
+    )
     assert linear_views.peak_lr == pytest.approx(0.4)
 
 
 def test_legw_lengthens_warmup_with_the_batch():
-    c = cfg(data={"batch_size": 64, "num_views": 1},
-            optim={"lr": 0.1, "lr_scaling": "sqrt", "reference_batch": 64},
-            schedule={"warmup_epochs": 0.5, "warmup": "legw"}, train={"epochs": 10})
+    c = cfg(
+        data={"batch_size": 64, "num_views": 1},
+        optim={"lr": 0.1, "lr_scaling": "sqrt", "reference_batch": 64},
+        schedule={"warmup_epochs": 0.5, "warmup": "legw"},
+        train={"epochs": 10},
+    )
     one = build_schedule(c, steps_per_epoch=100, world=1)
     four = build_schedule(c, steps_per_epoch=25, world=4)  # 4× the global batch, 4× fewer steps
     assert one.warmup_steps == 50 and four.warmup_steps == 50  # warmup epochs × 4
     assert four.peak_lr == pytest.approx(0.2)
-    plain = build_schedule(cfg(data={"batch_size": 64}, optim={"reference_batch": 64},
-                               schedule={"warmup_epochs": 0.5, "warmup": "linear"}), steps_per_epoch=24, world=4)
+    plain = build_schedule(
+        cfg(
+            data={"batch_size": 64}, optim={"reference_batch": 64}, schedule={"warmup_epochs": 0.5, "warmup": "linear"}
+        ),
+        steps_per_epoch=24,
+        world=4,
+    )
     assert plain.warmup_steps == 12  # plain linear warmup: 0.5 epoch whatever the batch
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import last_checkpoint, tiny, write_yaml
-from dali_ba.config import config_from_dict, load_config
+
 from trainers import checkpoint as ckpt
+from trainers.config import config_from_dict, load_config
 from trainers.loop import PREEMPTED, run
 from trainers.metrics import read_metrics
 from trainers.train import main as train_main
@@ -38,7 +38,9 @@ def test_run_writes_config_metrics_and_checkpoints(data, tmp_path):
     assert train[-1]["samples_per_s"] == pytest.approx(2 * train[-1]["images_per_s"], rel=1e-4)
     evals = [r for r in rows if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [8, 16]  # each epoch end
-    assert all(r["val_images"] == 20 and r["val_views"] == 2 and 0 <= r["val_top1"] <= r["val_top5"] <= 100 for r in evals)
+    assert all(
+        r["val_images"] == 20 and r["val_views"] == 2 and 0 <= r["val_top1"] <= r["val_top5"] <= 100 for r in evals
+    )
     diag = [r for r in rows if r["kind"] == "diag"]
     assert [r["step"] for r in diag] == [4, 8, 12, 16]
     assert {r["probe"] for r in diag} == {"view", "half"}  # single process, M > 1: alternating probes
@@ -49,7 +51,7 @@ def test_run_writes_config_metrics_and_checkpoints(data, tmp_path):
 
     state = last_checkpoint(out)
     assert state["step"] == 16 and state["world_size"] == 1 and state["classes"] == [f"class_{i}" for i in range(4)]
-    assert (state["loader"][0]["epoch"], state["loader"][0]["step"]) == (1, 8)  # all 8 steps of epoch 1 done
+    assert (state["loader"][0]["epoch"], state["loader"][0]["step"]) == (2, 0)  # epoch 1 done: epoch 2 next
     assert (out / "checkpoints" / ckpt.BEST).is_file()
     assert not list((out / "checkpoints").glob(".*tmp*"))  # no temporary files left behind
 
@@ -109,8 +111,13 @@ def test_resume_errors_are_one_line_and_name_the_problem(data, tmp_path, capsys)
 def test_amp_channels_last_view_chunks_and_test_time_views(data, tmp_path, amp):
     """The GPU-oriented options also run on the CPU (fp16 with its gradient scaler)."""
     out = tmp_path / amp
-    values = tiny(data, out, train={"amp": amp, "channels_last": True, "view_chunks": 2, "max_steps": 4},
-                  eval={"views": 2}, diagnostics={"every": 2})
+    values = tiny(
+        data,
+        out,
+        train={"amp": amp, "channels_last": True, "view_chunks": 2, "max_steps": 4},
+        eval={"views": 2},
+        diagnostics={"every": 2},
+    )
     assert run(config_from_dict(values)) == 0
     rows = read_metrics(out / "metrics.jsonl")
     assert all(r["loss"] is not None for r in rows if r["kind"] == "train")
@@ -122,6 +129,7 @@ def test_amp_channels_last_view_chunks_and_test_time_views(data, tmp_path, amp):
 def test_tensorboard_without_the_package_is_a_config_error(data, tmp_path, capsys):
     try:
         import tensorboard  # noqa: F401
+
         pytest.skip("tensorboard is installed")
     except ImportError:
         pass
@@ -196,7 +204,7 @@ def test_signal_saves_a_checkpoint_exits_0_and_the_run_resumes(data, tmp_path, s
     assert starts[-1]["step"] == stopped
 
 
-def test_dali_ba_train_cli(data, tmp_path, capsys):
+def test_dali_ba_train_cli(data, tmp_path, capfd):
     from dali_ba.cli import main as cli_main
     from dali_ba.train_launcher import build_command
 
@@ -204,7 +212,7 @@ def test_dali_ba_train_cli(data, tmp_path, capsys):
     two = build_command("c.yaml", [], nproc=2)
     assert two[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     assert cli_main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
-    assert "config file not found" in capsys.readouterr().err
+    assert "config file not found" in capfd.readouterr().err
     assert cli_main(["train", "--config", str(tmp_path / "missing.yaml"), "--nproc", "0"]) == 2
 
 
@@ -213,8 +221,14 @@ def test_dali_ba_train_runs_the_trainer(data, tmp_path):
     config = write_yaml(tiny(data, tmp_path / "run"), tmp_path / "tiny.yaml")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cli = [sys.executable, "-c", "import sys; from dali_ba.cli import main; sys.exit(main())"]
-    done = subprocess.run([*cli, "train", "--config", str(config), "train.max_steps=3", "data.num_views=1"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*cli, "train", "--config", str(config), "train.max_steps=3", "data.num_views=1"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "done: step 3/16" in done.stdout and "val_top1" in done.stdout
     assert last_checkpoint(tmp_path / "run")["config"]["data"]["num_views"] == 1

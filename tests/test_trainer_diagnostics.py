@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from trainers import dist as tdist
 from trainers.diagnostics import GradNoiseMonitor, pair_estimates
-from trainers.loop import forward_backward
+from trainers.engine import forward_backward
 from trainers.models import SmallNet
 
 
@@ -56,7 +56,9 @@ def test_view_probe_single_process_matches_a_direct_computation_and_has_no_side_
 
     plain = copy.deepcopy(model)  # the same step without diagnostics
     opt_plain = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
-    forward_backward(plain, x, y, lambda a, b: F.cross_entropy(plain(a), b), _NoScaler(), 1, B, M, torch.contiguous_format)
+    forward_backward(
+        plain, x, y, lambda a, b: F.cross_entropy(plain(a), b), _NoScaler(), 1, B, M, torch.contiguous_format
+    )
     opt_plain.step()
 
     monitor = GradNoiseMonitor(every=1, batch_size=B, num_views=M, world=1)
@@ -65,7 +67,9 @@ def test_view_probe_single_process_matches_a_direct_computation_and_has_no_side_
     monitor.probe(model, x, y, lambda a, b: F.cross_entropy(model(a), b), 1.0)
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))  # BN statistics restored
-    forward_backward(model, x, y, lambda a, b: F.cross_entropy(model(a), b), _NoScaler(), 1, B, M, torch.contiguous_format)
+    forward_backward(
+        model, x, y, lambda a, b: F.cross_entropy(model(a), b), _NoScaler(), 1, B, M, torch.contiguous_format
+    )
     stats = monitor.measure(model, tdist.DistEnv())
     opt.step()
 
@@ -79,7 +83,9 @@ def test_view_probe_single_process_matches_a_direct_computation_and_has_no_side_
 
     # next measurement: the half-batch probe gives a noise-scale pair
     monitor.probe(model, x, y, lambda a, b: F.cross_entropy(model(a), b), 1.0)
-    forward_backward(model, x, y, lambda a, b: F.cross_entropy(model(a), b), _NoScaler(), 1, B, M, torch.contiguous_format)
+    forward_backward(
+        model, x, y, lambda a, b: F.cross_entropy(model(a), b), _NoScaler(), 1, B, M, torch.contiguous_format
+    )
     half = monitor.measure(model, tdist.DistEnv())
     assert half["probe"] == "half" and half["noise_pair"] == "half"
     assert {"noise_trace", "noise_g2", "noise_scale"} <= set(half)
@@ -110,7 +116,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.manual_seed(0)
     model = SmallNet(3)
     x_all, y_all = _batch(B * world, M, seed=1)
-    x, y = x_all[rank * B * M:(rank + 1) * B * M], y_all[rank * B * M:(rank + 1) * B * M]
+    x, y = x_all[rank * B * M : (rank + 1) * B * M], y_all[rank * B * M : (rank + 1) * B * M]
     # by hand: this rank's local gradient and its view-0 gradient, without DDP
     G_local = _grad_vector(copy.deepcopy(model), x, y)
     g_view = _grad_vector(copy.deepcopy(model), x.view(B, M, 3, 8, 8)[:, 0], y.view(B, M)[:, 0])
@@ -122,12 +128,17 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     ddp = DDP(model)
     monitor = GradNoiseMonitor(every=1, batch_size=B, num_views=M, world=world)
     monitor.attach(ddp)
-    loss_fn = lambda a, b: F.cross_entropy(ddp(a), b)  # noqa: E731
+    def loss_fn(a, b, net=ddp):
+        return F.cross_entropy(net(a), b)
+
     monitor.probe(ddp, x, y, loss_fn, 1.0)
     forward_backward(ddp, x, y, loss_fn, _NoScaler(), 1, B, M, torch.contiguous_format)
     stats = monitor.measure(ddp, env)
-    expected = {"grad_norm2": float((G_sum / world).pow(2).sum()), "grad_norm2_local": float(manual[0]) / world,
-                "view_grad_var": float(manual[1]) / world}
+    expected = {
+        "grad_norm2": float((G_sum / world).pow(2).sum()),
+        "grad_norm2_local": float(manual[0]) / world,
+        "view_grad_var": float(manual[1]) / world,
+    }
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump({"stats": stats, "expected": expected}, f)
     # As trainers.dist.shutdown asks: DDP sits in reference cycles (the lambda holds it too), and
@@ -147,4 +158,5 @@ def test_ddp_hook_reads_each_ranks_local_gradient(tmp_path):
         for key, value in expected.items():
             assert stats[key] == pytest.approx(value, rel=1e-4), key
         assert stats["noise_trace"] == pytest.approx(
-            pair_estimates(expected["grad_norm2_local"], 4, expected["grad_norm2"], 8)["noise_trace"], rel=1e-4)
+            pair_estimates(expected["grad_norm2_local"], 4, expected["grad_norm2"], 8)["noise_trace"], rel=1e-4
+        )

@@ -164,6 +164,8 @@ def check_compatible(ckpt: dict, config: dict, world: int, path: Path) -> None:
 
 
 def rng_state() -> dict:
+    """This process's RNG states; for CUDA only the current device's (a resume on a node that sees
+    another number of GPUs must still find its own)."""
     import numpy as np
     import torch
 
@@ -171,7 +173,7 @@ def rng_state() -> dict:
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
 
 
@@ -183,10 +185,10 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(paths, env, *, step, model, optimizer, scaler, loader, monitor, config, best_top1, schedule,
+def save_checkpoint(paths, env, *, step, engine, loader, config, best_top1, schedule,
                     loader_state: Optional[dict] = None) -> None:
     """Collective: gather every rank's loader and RNG state, rank 0 writes each of ``paths``.
     ``loader_state``: this rank's loader state to save instead of the loader's current one."""
@@ -198,10 +200,10 @@ def save_checkpoint(paths, env, *, step, model, optimizer, scaler, loader, monit
     rngs = tdist.gather_objects(env, rng_state())
     if env.is_main:
         state = {
-            "format": FORMAT, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "loader": loader_states, "rng": rngs, "config": config,
-            "world_size": env.world, "best_top1": best_top1, "diagnostics": monitor.state_dict(),
-            "schedule": asdict(schedule), "classes": list(loader.classes),
+            "format": FORMAT, "step": step, "model": engine.model.state_dict(),
+            "optimizer": engine.optimizer.state_dict(), "scaler": engine.scaler.state_dict(), "loader": loader_states,
+            "rng": rngs, "config": config, "world_size": env.world, "best_top1": best_top1,
+            "diagnostics": engine.monitor.state_dict(), "schedule": asdict(schedule), "classes": list(loader.classes),
         }
         for path in paths:
             save_atomic(state, path)

@@ -3,10 +3,9 @@
 Why: glibc's malloc serves large blocks (above ``M_MMAP_THRESHOLD``) with fresh ``mmap`` calls
 and trims the top of its heap when more than ``M_TRIM_THRESHOLD`` is free, so a CPU training step
 that allocates and frees the same tens of megabytes of activations page-faults all of them in
-again, step after step: the kernel zeroes every page. Measured on the Fashion-MNIST ResNet-8
-recipe at M=4 (2-core machine, 141 steps): 6.5 million page faults and 21 of 86 CPU-seconds in the
-kernel; with the thresholds raised, 0.26 million and 1.8 s, the step 0.45 s → 0.35 s, the results
-bit-identical. The price is that the process keeps its peak heap (RSS ~1.16 → 1.44 GB there).
+again, step after step: the kernel zeroes every page. Raising both thresholds keeps that memory
+in the process (the measured effect is in docs/science.md); the price is that the process keeps
+its peak heap.
 
 PyTorch's own performance guide recommends jemalloc or tcmalloc for the same reason; this does the
 cheap part of that with no extra library. It changes nothing when the user chose an allocator

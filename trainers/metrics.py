@@ -64,7 +64,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from dali_ba.config import ConfigError
+from dali_ba.errors import ConfigError
 
 
 class MetricsLogger:
@@ -115,6 +115,39 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+class TrainWindow:
+    """The steps since the last ``train`` line: the loss summed on the device (read once per line,
+    the only host sync logging costs), data-wait and step wall times."""
+
+    def __init__(self, device: torch.device):
+        self._loss = torch.zeros((), device=device)
+        self.steps, self.data_time, self.step_time = 0, 0.0, 0.0
+
+    def add(self, loss: torch.Tensor, data_time: float, step_time: float) -> None:
+        self._loss += loss
+        self.steps += 1
+        self.data_time += data_time
+        self.step_time += step_time
+
+    def loss_sum(self) -> float:
+        return float(self._loss.item())
+
+    def row(self, loss_sum_all_ranks: float, world: int, batch_size: int, num_views: int, lr: float) -> dict:
+        """The ``train`` line's values (see the module docstring); starts a new window."""
+        n, t = self.steps, max(self.step_time, 1e-9)
+        row = {
+            "loss": loss_sum_all_ranks / (world * n),
+            "lr": lr,
+            "images_per_s": batch_size * world * n / t,
+            "samples_per_s": batch_size * num_views * world * n / t,
+            "data_time": self.data_time / n,
+            "step_time": self.step_time / n,
+        }
+        self._loss.zero_()
+        self.steps, self.data_time, self.step_time = 0, 0.0, 0.0
+        return row
 
 
 def _clean(v):

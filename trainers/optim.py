@@ -16,10 +16,13 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_bn_bias: bool) 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
-    """The LR is set before every step from the schedule (trainers.schedule); 0 here is a placeholder."""
+def build_optimizer(model: nn.Module, optim_cfg, fused: bool = False) -> torch.optim.Optimizer:
+    """The LR is set before every step from the schedule (trainers.schedule); 0 here is a placeholder.
+    ``fused`` (CUDA): one kernel for all parameters, and with fp16 AMP the scaler's inf check stays
+    on the GPU instead of a host sync per step."""
     groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.no_decay_bn_bias)
-    return torch.optim.SGD(groups, lr=0.0, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov)
+    return torch.optim.SGD(groups, lr=0.0, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov,
+                           **({"fused": True} if fused else {}))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -62,7 +62,9 @@ def total_steps(epochs: float, steps_per_epoch: int) -> int:
 
 def build_schedule(cfg, steps_per_epoch: int, world: int) -> LRSchedule:
     """The schedule of a Config for a loader with ``steps_per_epoch`` steps on each of ``world`` ranks."""
-    k = batch_ratio(cfg.optim.reference_batch, cfg.data.batch_size, cfg.data.num_views, world, cfg.optim.scale_with_views)
+    k = batch_ratio(
+        cfg.optim.reference_batch, cfg.data.batch_size, cfg.data.num_views, world, cfg.optim.scale_with_views
+    )
     warmup_epochs = cfg.schedule.warmup_epochs * (k if cfg.schedule.warmup == "legw" else 1.0)
     return LRSchedule(
         peak_lr=scaled_lr(cfg.optim.lr, cfg.optim.lr_scaling, k),

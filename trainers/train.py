@@ -18,19 +18,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="run recipe (YAML), e.g. pipelines/fashion-mnist-ba4.yaml")
     parser.add_argument("--resume", default=None, metavar="PATH",
                         help="auto | none | a run directory | a checkpoint file (same as train.resume=PATH)")
+    parser.add_argument("--check", action="store_true",
+                        help="only validate the config and the paths it names (exit 0, or 2 with one line)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.num_views=2")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from dali_ba.config import load_config
     from dali_ba.errors import UserError
+    from trainers.config import load_config
 
     args = build_parser().parse_args(argv)
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     try:
         cfg = load_config(args.config, overrides)
         _preflight(cfg)
+        if args.check:
+            return 0
         from trainers.loop import run  # torch, DALI: seconds to import
 
         return run(cfg)

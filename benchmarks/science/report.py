@@ -79,24 +79,34 @@ def _markdown(findings: dict) -> str:
     lines = ["| run | steps | test top-1 % (mean ± sd) | per seed | wall s (mean) |", "|---|---|---|---|---|"]
     for name, g in findings["groups"].items():
         per_seed = ", ".join(f"{v:.2f}" for v in g["final_top1"])
-        lines.append(f"| {name} | {g['steps']} | {g['mean']:.2f} ± {g['sd']:.2f} | {per_seed} | {g['wall_s_mean']:.0f} |")
+        lines.append(
+            f"| {name} | {g['steps']} | {g['mean']:.2f} ± {g['sd']:.2f} | {per_seed} | {g['wall_s_mean']:.0f} |"
+        )
     diag = {name: g["diag_median"] for name, g in findings["groups"].items() if g["budget"] == 1.0 and g["diag_median"]}
     if diag:
-        lines += ["", "| run (full budget) | median tr(Σ) per image | median B_simple | median variance reduction (M=1 ÷ BA) |",
-                  "|---|---|---|---|"]
+        lines += [
+            "",
+            "| run (full budget) | median tr(Σ) per image | median B_simple | median variance reduction (M=1 ÷ BA) |",
+            "|---|---|---|---|",
+        ]
         for name, d in diag.items():
             cells = [f"{d[k]:.3g}" if k in d else "–" for k in ("noise_trace", "noise_scale", "ba_var_reduction")]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     eq, few = findings.get("equal_steps"), findings.get("fewer_steps")
     if eq:
-        lines += ["", f"Equal steps: M=4 − M=1 per seed = {', '.join(f'{g:+.2f}' for g in eq['gain_per_seed'])} points; "
-                  f"mean gain {eq['mean_gain']:+.2f}; M=4 above M=1 on every seed: {eq['ba_wins_every_seed']}; "
-                  f"baseline mean {eq['baseline_mean']:.2f}% (≥ 88.5: {eq['baseline_not_starved']})."]
+        lines += [
+            "",
+            f"Equal steps: M=4 − M=1 per seed = {', '.join(f'{g:+.2f}' for g in eq['gain_per_seed'])} points; "
+            f"mean gain {eq['mean_gain']:+.2f}; M=4 above M=1 on every seed: {eq['ba_wins_every_seed']}; "
+            f"baseline mean {eq['baseline_mean']:.2f}% (≥ 88.5: {eq['baseline_not_starved']}).",
+        ]
     if few:
         fractions = ", ".join("not reached" if f is None else f"{f:.2f}" for f in few["full_curve_fraction"])
-        lines += [f"Fewer steps: smallest M=4 budget whose mean reaches the M=1 full-budget mean: "
-                  f"{few['smallest_budget_reaching_baseline']}; on the full M=4 curves the M=1 final mean is first "
-                  f"reached at these fractions of the steps: {fractions}."]
+        lines += [
+            f"Fewer steps: smallest M=4 budget whose mean reaches the M=1 full-budget mean: "
+            f"{few['smallest_budget_reaching_baseline']}; on the full M=4 curves the M=1 final mean is first "
+            f"reached at these fractions of the steps: {fractions}."
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -113,8 +123,14 @@ def _plot(results: list[dict], out: Path) -> list[str]:
         seen = set()
         for r in results:
             key = (r["views"], r["budget"])
-            ax.plot([p[axis] for p in r["eval"]], [p["top1"] for p in r["eval"]], color=colours.get(key, "grey"),
-                    alpha=0.8, lw=1.2, label=None if key in seen else f"M={key[0]}, budget {key[1]:g}")
+            ax.plot(
+                [p[axis] for p in r["eval"]],
+                [p["top1"] for p in r["eval"]],
+                color=colours.get(key, "grey"),
+                alpha=0.8,
+                lw=1.2,
+                label=None if key in seen else f"M={key[0]}, budget {key[1]:g}",
+            )
             seen.add(key)
         ax.set_xlabel(label), ax.set_ylabel("test top-1 (%)"), ax.set_ylim(80, None), ax.grid(alpha=0.3)
         ax.legend(), ax.set_title(f"Fashion-MNIST, ResNet-8: test accuracy vs {label}")
@@ -122,16 +138,23 @@ def _plot(results: list[dict], out: Path) -> list[str]:
         fig.tight_layout(), fig.savefig(out / name, dpi=110), plt.close(fig)
         written.append(name)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    panels = ((axes[0], "noise_trace", "tr(Σ): per-image gradient variance (rolling median)"),
-              (axes[1], "ba_var_reduction", "M=4: gradient variance of M=1 ÷ of BA (rolling median)"))
+    panels = (
+        (axes[0], "noise_trace", "tr(Σ): per-image gradient variance (rolling median)"),
+        (axes[1], "ba_var_reduction", "M=4: gradient variance of M=1 ÷ of BA (rolling median)"),
+    )
     for ax, key, title in panels:
         for r in results:
             pts = [(d["step"], d[key]) for d in r["diag"] if d.get(key) is not None] if r["budget"] == 1.0 else []
             if len(pts) >= 5:  # single measurements scatter over decades: show a 5-point rolling median
                 steps = [p[0] for p in pts[2:-2]]
-                smooth = [st.median(v for _, v in pts[i - 2:i + 3]) for i in range(2, len(pts) - 2)]
-                ax.plot(steps, smooth, color=colours[(r["views"], 1.0)], alpha=0.8,
-                        label=f"M={r['views']}" if r["seed"] == 0 else None)
+                smooth = [st.median(v for _, v in pts[i - 2 : i + 3]) for i in range(2, len(pts) - 2)]
+                ax.plot(
+                    steps,
+                    smooth,
+                    color=colours[(r["views"], 1.0)],
+                    alpha=0.8,
+                    label=f"M={r['views']}" if r["seed"] == 0 else None,
+                )
         ax.set_xlabel("SGD steps"), ax.set_title(title, fontsize=10), ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
@@ -151,11 +174,20 @@ def write_report(runs: list[dict], out: Path, read_metrics) -> str:
     import nvidia.dali
     import torch
 
-    meta = {"machine": {"cpu_count": __import__("os").cpu_count(), "platform": platform.platform(),
-                        "processor": platform.processor()},
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "nvidia-dali": nvidia.dali.__version__}}
+    meta = {
+        "machine": {
+            "cpu_count": __import__("os").cpu_count(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "nvidia-dali": nvidia.dali.__version__,
+        },
+    }
     (out / "results.json").write_text(json.dumps({**meta, "findings": findings, "runs": results}, indent=1))
-    (out / "results.md").write_text("# Fashion-MNIST: batch augmentation M=4 vs M=1\n\n" + table
-                                    + "\nPlots: " + ", ".join(plots) + "\n")
+    (out / "results.md").write_text(
+        "# Fashion-MNIST: batch augmentation M=4 vs M=1\n\n" + table + "\nPlots: " + ", ".join(plots) + "\n"
+    )
     return table

@@ -33,8 +33,11 @@ RECIPES = {1: REPO / "pipelines/fashion-mnist-baseline.yaml", 4: REPO / "pipelin
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
-    p.add_argument("--budgets", default="0.75,1.0",
-                   help="M=4 step budgets, fractions of the baseline's steps (0.75: the target; add 0.5 to look further)")
+    p.add_argument(
+        "--budgets",
+        default="0.75,1.0",
+        help="M=4 step budgets, fractions of the baseline's steps (0.75: the target; add 0.5 to look further)",
+    )
     p.add_argument("--evals", type=int, default=20, help="evaluations per run on the full test set")
     p.add_argument("--out", default=str(REPO / "benchmarks/results/science-fashion-mnist"))
     p.add_argument("--data", default=str(REPO / "data/fashion-mnist"), help="from `dali-ba data fashion-mnist`")
@@ -82,17 +85,29 @@ def train(run: dict, args, run_dir: Path) -> None:
     epochs = recipe["train"]["epochs"] * run["budget"]
     steps = int(60000 // recipe["data"]["batch_size"] * epochs)
     overrides = [
-        f"data.train_root={args.data}/train", f"data.val_root={args.data}/val",
-        f"train.seed={run['seed']}", f"train.epochs={epochs}", f"train.out_dir={run_dir}", "train.resume=auto",
+        f"data.train_root={args.data}/train",
+        f"data.val_root={args.data}/val",
+        f"train.seed={run['seed']}",
+        f"train.epochs={epochs}",
+        f"train.out_dir={run_dir}",
+        "train.resume=auto",
         f"schedule.warmup_epochs={recipe['schedule']['warmup_epochs'] * run['budget']}",
-        f"train.eval_every={-(-steps // args.evals)}", "train.checkpoint_every=250",
-        f"data.num_threads={args.threads}", *args.overrides,
+        f"train.eval_every={-(-steps // args.evals)}",
+        "train.checkpoint_every=250",
+        f"data.num_threads={args.threads}",
+        *args.overrides,
     ]
     cmd = [sys.executable, "-m", "trainers.train", "--config", str(RECIPES[run["views"]]), *overrides]
     (run_dir.parent / f"{run['name']}.cmd").write_text(" ".join(cmd) + "\n")
     with open(run_dir.parent / f"{run['name']}.log", "a") as log:
-        subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True,
-                       env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)})
+        subprocess.run(
+            cmd,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            check=True,
+            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)},
+        )
 
 
 def main(argv=None) -> int:

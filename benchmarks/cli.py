@@ -1,0 +1,214 @@
+"""``dali-ba bench``: throughput, side by side, recorded with the machine, versions, commit and command.
+
+- ``dali-ba bench loader --root DIR --views 1,2,4,8 --variants dali-fused,dali-naive,torchvision
+  --batch-size 64 --threads T --repeats R --json out.json --plot out.png``: the loaders of
+  ``loader_bench`` in interleaved rounds; a markdown table on stdout, JSON, a PNG plot.
+  ``--epoch-images N`` reads N images only, so epochs are short and their boundaries show.
+  On a GPU (``--device cuda``) DALI decodes with ``device="mixed"`` (``--hw-decoder-load`` takes
+  a list: a sweep) and the defaults warm up and time longer.
+- ``dali-ba bench train --config X --steps N``: the trainer's step with the real pipeline versus
+  synthetic tensors already on the device, and the data-wait fraction (``train_bench``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Sequence
+
+from benchmarks.record import check_writable, new_record, write_record
+from dali_ba.errors import UserError
+
+# Warm-up batches and seconds per measurement: a GPU needs far more than a CPU to reach its pace.
+DEFAULTS = {"cpu": {"warmup": 3, "min_seconds": 3.0}, "cuda": {"warmup": 50, "min_seconds": 10.0}}
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def _float_list(text: str) -> List[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected values in [0, 1], got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from benchmarks.loader_bench import ALL_VARIANTS
+
+    sub = parser.add_subparsers(dest="bench", required=True)
+    loader = sub.add_parser("loader", help="loader throughput: ours against the alternatives",
+                            description="Loader throughput, side by side, in interleaved rounds.")
+    loader.add_argument("--root", required=True, help="ImageFolder root (root/<class>/<image>.jpg)")
+    loader.add_argument("--views", type=_int_list, default=[1, 2, 4, 8], help="M values (default 1,2,4,8)")
+    loader.add_argument("--variants", default="dali-fused,dali-naive,torchvision",
+                        help=f"comma-separated, from: {', '.join(ALL_VARIANTS)}")
+    loader.add_argument("--batch-size", type=int, default=64, help="B unique images per batch (default 64)")
+    loader.add_argument("--threads", type=int, default=2, help="DALI num_threads = DataLoader num_workers")
+    loader.add_argument("--repeats", type=int, default=3, help="interleaved rounds (medians over them)")
+    loader.add_argument("--batches", type=int, default=12, help="timed batches per measurement (at least)")
+    loader.add_argument("--warmup", type=int, default=None, help="untimed batches first (default: 3 CPU, 50 GPU)")
+    loader.add_argument("--min-seconds", type=float, default=None,
+                        help="time each measurement for at least this long (default: 3 CPU, 10 GPU)")
+    loader.add_argument("--epoch-images", type=int, default=0,
+                        help="read only this many images (short epochs: shows the epoch-boundary cost)")
+    loader.add_argument("--image-size", type=int, default=224)
+    loader.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto (default): cuda when a GPU is visible")
+    loader.add_argument("--hw-decoder-load", type=_float_list, default=None,
+                        help="GPU only: DALI hw_decoder_load values to sweep, e.g. 0.12,0.4,0.65")
+    loader.add_argument("--seed", type=int, default=0)
+    loader.add_argument("--json", default=None, help="write the results here")
+    loader.add_argument("--plot", default=None, help="write a PNG plot here")
+    loader.set_defaults(_bench=run_loader)
+
+    train = sub.add_parser("train", help="training throughput: real pipeline vs synthetic tensors",
+                           description="The trainer's step with the real pipeline and with synthetic tensors "
+                                       "already on the device; the data-wait fraction.")
+    train.add_argument("--config", required=True, help="pipelines/*.yaml")
+    train.add_argument("--steps", type=int, default=20, help="timed steps per phase and round (at least)")
+    train.add_argument("--warmup", type=int, default=None, help="untimed steps before each phase (3 CPU, 20 GPU)")
+    train.add_argument("--min-seconds", type=float, default=0.0, help="time each phase for at least this long")
+    train.add_argument("--rounds", type=int, default=2, help="alternating real/synthetic rounds")
+    train.add_argument("--json", default=None, help="write the results here")
+    train.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. data.num_views=2)")
+    train.set_defaults(_bench=run_train)
+
+
+def run(args: argparse.Namespace) -> int:
+    return args._bench(args)
+
+
+def _positive(args: argparse.Namespace, names: Sequence[str]) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')}: expected a value >= 1; got {value}")
+
+
+def settings_from_args(args: argparse.Namespace):
+    from benchmarks.loader_bench import ALL_VARIANTS, LoaderBenchSettings
+    from dali_ba.pipeline import resolve_device
+
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in ALL_VARIANTS]
+    if unknown or not variants:
+        raise UserError(f"--variants: unknown {', '.join(unknown) or '(none given)'}; expected some of "
+                        f"{', '.join(ALL_VARIANTS)}")
+    try:
+        device = resolve_device(args.device)
+    except UserError:
+        raise UserError("--device cuda needs a CUDA GPU and none is visible: GPU benchmarks cannot run on this "
+                        "machine (use --device cpu)") from None
+    if device != "cuda" and args.hw_decoder_load is not None:
+        raise UserError("--hw-decoder-load is a GPU setting (nvJPEG hardware decoder); it needs --device cuda")
+    _positive(args, ("batch_size", "threads", "repeats", "batches", "image_size"))
+    if args.epoch_images < 0 or args.min_seconds is not None and args.min_seconds < 0:
+        raise UserError("--epoch-images and --min-seconds: expected values >= 0")
+    if not Path(args.root).expanduser().is_dir():
+        raise UserError(f"--root: image folder not found: {args.root}")
+    defaults = DEFAULTS[device]
+    return LoaderBenchSettings(
+        root=str(Path(args.root).expanduser()), views=args.views, variants=variants, batch_size=args.batch_size,
+        threads=args.threads, repeats=args.repeats, batches=args.batches,
+        warmup=max(0, args.warmup if args.warmup is not None else defaults["warmup"]),
+        min_seconds=args.min_seconds if args.min_seconds is not None else defaults["min_seconds"],
+        image_size=args.image_size, device=device, hw_decoder_loads=args.hw_decoder_load or [0.65], seed=args.seed,
+        epoch_images=args.epoch_images,
+    )
+
+
+def run_loader(args: argparse.Namespace) -> int:
+    import time
+    from dataclasses import asdict
+
+    from benchmarks.loader_bench import ratios, run_rounds
+    from benchmarks.report import markdown_ratios, markdown_table, plot_loader
+    from benchmarks.variants import prepare
+
+    settings = settings_from_args(args)
+    check_writable(args.json, "--json")
+    check_writable(args.plot, "--plot")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("--plot needs matplotlib: pip install 'dali-ba[plot]'") from None
+    prepare(settings)
+    record = new_record("loader")
+    started = time.time()
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    log(f"bench loader: {len(settings.variants)} variant(s) × M in {list(settings.views)} × {settings.repeats} "
+        f"round(s), at least {settings.batches} timed batches of {settings.batch_size} and "
+        f"{settings.min_seconds:g} s each, device {settings.device}")
+    results = run_rounds(settings, log=log)
+    record.update(duration_s=round(time.time() - started, 1), settings=asdict(settings), results=results,
+                  ratios=ratios(results))
+    print(markdown_table(results))
+    print()
+    print(markdown_ratios(record["ratios"]))
+    if args.json:
+        write_record(args.json, record)
+        log(f"wrote {args.json}")
+    if args.plot:
+        plot_loader(record, args.plot)
+        log(f"wrote {args.plot}")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from benchmarks.train_bench import run_train_bench
+    from trainers.config import load_config
+
+    _positive(args, ("steps", "rounds"))
+    if (args.warmup is not None and args.warmup < 0) or args.min_seconds < 0:
+        raise UserError("--warmup and --min-seconds: expected values >= 0")
+    cfg = load_config(args.config, args.overrides)
+    check_writable(args.json, "--json")
+    from dali_ba.pipeline import resolve_device
+
+    warmup = args.warmup if args.warmup is not None else (20 if resolve_device(cfg.data.device) == "cuda" else 3)
+    record = new_record("train")
+    summary, rows = run_train_bench(cfg, args.steps, warmup, args.rounds, args.min_seconds,
+                                    log=lambda line: print(line, file=sys.stderr, flush=True))
+    s = summary
+    print(f"| phase | images/s | samples/s (×M={s['num_views']}) |\n|---|---:|---:|\n"
+          f"| real pipeline | {s['real_images_per_s']:.1f} | {s['real_samples_per_s']:.1f} |\n"
+          f"| synthetic | {s['synthetic_images_per_s']:.1f} | {s['synthetic_samples_per_s']:.1f} |\n\n"
+          f"real ÷ synthetic: {s['real_vs_synthetic']:.2f}; data-wait fraction: {s['data_wait_fraction']:.1%}; "
+          f"compute slowdown {s['compute_slowdown']:.2f}× ({s['verdict']}); model {s['model']}, "
+          f"B={s['batch_size']}, M={s['num_views']}, amp {s['amp']}, DALI threads {cfg.data.num_threads}")
+    if args.json:
+        record.update(config=asdict(cfg), summary=summary, rounds=rows, warmup=warmup)
+        write_record(args.json, record)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cli", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UserError as exc:
+        print(f"dali-ba bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
