@@ -17,6 +17,7 @@ _COMMANDS = [
     (("data", "synth"), "dali_ba.data.synth", "write ImageNet-like JPEGs in ImageFolder layout"),
     (("data", "fashion-mnist"), "dali_ba.data.fashion_mnist", "real Fashion-MNIST images (Debian package) as JPEG folders"),
     (("data", "verify"), "dali_ba.data.verify", "find every file DALI cannot decode"),
+    (("data", "pack"), "dali_ba.data.pack", "pack images into WebDataset shards + DALI indexes (folder or s3://)"),
     (("show",), "dali_ba.viz", "PNG grid: one row per image, its M augmented views in columns"),
     (("bench",), "dali_ba.bench", "throughput benchmarks, side by side"),
     (("train",), "dali_ba.train_launcher", "train a ResNet (the trainers package; also under torchrun)"),
