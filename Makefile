@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	  "import shutil,sys; free=shutil.disk_usage('$(VENV)').free/2**30; sys.exit(0 if free >= $(INSTALL_NEEDS_GB) else \
 	  f'make: installing torch, torchvision and DALI into $(VENV) needs ~$(INSTALL_NEEDS_GB) GB free on its disk, {free:.1f} GB is free')"
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[train,plot,test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[train,plot,s3,test]'
 	@touch $@
 
 install: $(STAMP)

@@ -21,6 +21,7 @@ _COMMANDS = [
         "real Fashion-MNIST images (Debian package) as JPEG folders",
     ),
     (("data", "verify"), "dali_ba.data.verify", "find every file DALI cannot decode"),
+    (("data", "pack"), "dali_ba.data.pack", "pack images into WebDataset shards + DALI indexes (folder or s3://)"),
     (("show",), "dali_ba.viz", "PNG grid: one row per image, its M augmented views in columns"),
     (("bench",), "dali_ba.bench_command", "throughput benchmarks, side by side (from a source checkout)"),
     (("train",), "dali_ba.train_launcher", "train a ResNet (the trainers package; also under torchrun)"),

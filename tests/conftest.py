@@ -82,3 +82,28 @@ def tiny(root: Path, out: Path, /, **sections) -> dict:
 def write_yaml(values: dict, path: Path) -> Path:
     path.write_text(yaml.safe_dump(values))
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 server (moto, its own process) for the whole session: see tests/s3_server.py."""
+    pytest.importorskip("boto3")
+    pytest.importorskip("moto.server")
+    from s3_server import S3Server
+
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """A fresh bucket on the session's S3 server, with AWS_ENDPOINT_URL and credentials set for boto3 and
+    DALI (``S3Bucket``: ``.url(prefix)``, ``.keys()``, ``.read(key)``, ``.client``)."""
+    from s3_server import new_bucket
+
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return new_bucket(s3_server)
