@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_image_folder
 from PIL import Image
 
-from conftest import write_image_folder
 from dali_ba import cli
 from dali_ba.data import manifest as mf
 from dali_ba.data.pack import pack, parse_size

@@ -126,6 +126,25 @@ def test_amp_channels_last_view_chunks_and_test_time_views(data, tmp_path, amp):
     assert state["scaler"] != {} if amp == "fp16" else state["scaler"] == {}
 
 
+@pytest.mark.parametrize("amp, dtype", [("off", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_the_training_step_runs_the_model_in_the_amp_dtype(data, tmp_path, amp, dtype):
+    """train.amp really autocasts the forward pass of the trainer's step (its convolutions run in
+    the chosen dtype) and fp16 scales the loss; the weights stay float32."""
+    from trainers import dist as tdist
+    from trainers.engine import build_engine
+
+    cfg = config_from_dict(tiny(data, tmp_path / "run", train={"amp": amp, "view_chunks": 2}))
+    engine = build_engine(cfg, tdist.DistEnv(), num_classes=4)
+    seen = []
+    engine.model.features[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    images, labels = torch.randn(16, 3, 24, 24), torch.arange(16) % 4
+    loss, _ = engine.step(images, labels, lr=0.1, step=0)
+    assert seen == [dtype, dtype]  # one forward per view chunk
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in engine.model.parameters())
+    assert engine.scaler.is_enabled() == (amp == "fp16")
+
+
 def test_tensorboard_without_the_package_is_a_config_error(data, tmp_path, capsys):
     try:
         import tensorboard  # noqa: F401
