@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import tarfile
@@ -52,11 +53,13 @@ def _tar_samples(out: Path, split: str = "train") -> list[tuple[str, str, int]]:
     for shard in manifest["splits"][split]["shards"]:
         with tarfile.open(out / shard["file"]) as tar:
             members = tar.getmembers()
-            assert [m.name.split(".")[1] for m in members] == ["jpg", "cls"] * (len(members) // 2)
-            for jpg, cls in zip(members[::2], members[1::2]):
+            assert [m.name.split(".")[1] for m in members] == ["jpg", "cls", "lbl"] * (len(members) // 3)
+            for jpg, cls, lbl in zip(members[::3], members[1::3], members[2::3]):
                 key = jpg.name.split(".")[0]
                 assert cls.name == f"{key}.cls"
-                samples.append((key, _sha(tar.extractfile(jpg).read()), int(tar.extractfile(cls).read())))
+                label = int(tar.extractfile(cls).read())
+                assert lbl.name == f"{key}.lbl" and struct.unpack("<i", tar.extractfile(lbl).read()) == (label,)
+                samples.append((key, _sha(tar.extractfile(jpg).read()), label))
     return samples
 
 

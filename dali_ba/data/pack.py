@@ -4,7 +4,9 @@ Reading 1.28 million small files is slow on network filesystems and object store
 tar shards are read sequentially, and DALI's ``fn.readers.webdataset`` reads them locally or from
 ``s3://``. Layout of OUT (a folder or ``s3://bucket/prefix``)::
 
-    OUT/train-000000.tar   samples <key>.jpg (image bytes) + <key>.cls (label as ASCII digits)
+    OUT/train-000000.tar   samples <key>.jpg (image bytes) + <key>.cls (label as ASCII digits, as other
+                           WebDataset readers expect) + <key>.lbl (the same label as a little-endian int32,
+                           which DALI's reader hands out as a number)
     OUT/train-000000.idx   its DALI index (what DALI's wds2idx would write), so the reader never scans tars
     ...
     OUT/val-000000.tar ... (``--split val``: splits share OUT and its class list)
@@ -35,6 +37,7 @@ import argparse
 import io
 import os
 import re
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,6 +47,7 @@ from typing import Any
 from dali_ba.errors import UserError
 
 DEFAULT_SHARD_SIZE = "256MB"
+EXTENSIONS = ("jpg", "cls", "lbl")  # per sample, in this order
 DEFAULT_QUALITY = 90
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -166,7 +170,7 @@ def pack(src: str | Path, out: str, *, split: str = "train", file_list: str | Pa
                             f"(e.g. {first.path}: {first.reason})")
         result.entry = {
             "num_samples": sum(s["samples"] for s in shards),
-            "extensions": ["jpg", "cls"],
+            "extensions": list(EXTENSIONS),
             "shards": shards,
             "skipped": [{"path": os.path.relpath(b.path, dataset.root), "reason": b.reason} for b in result.skipped],
             "source": {"root": dataset.root, "file_list": str(Path(file_list).resolve()) if file_list else None},
@@ -233,7 +237,8 @@ def _write_shards(output, dataset, label_map: list[int], split: str, shard_bytes
                     result.resized += status == "resized"
                     if status == "not-resized":
                         result.not_resized.append(dataset.files[i])
-                    parts = {"jpg": data, "cls": str(label_map[dataset.labels[i]]).encode()}
+                    label = label_map[dataset.labels[i]]
+                    parts = {"jpg": data, "cls": str(label).encode(), "lbl": struct.pack("<i", label)}
                     if writer is not None and writer.samples and writer.projected_size(parts) > shard_bytes:
                         finish(writer)
                         writer = None

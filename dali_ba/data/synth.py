@@ -106,7 +106,7 @@ def make_synthetic_imagefolder(out: str | os.PathLike, images: int, classes: int
     if not 1 <= quality <= 100:
         raise UserError(f"--quality must be in 1..100, got {quality}")
     counts = {"train": images, "val": val_images}
-    for split, count in counts.items():
+    for split in counts:
         target = out / split
         if target.exists() and any(target.iterdir()):
             if not overwrite:
