@@ -46,6 +46,8 @@ class DataConfig:
     train_root: str = "data/fashion-mnist/train"  # ImageFolder root: root/<class>/<image>
     val_root: Optional[str] = None
     train_list: Optional[str] = None  # file list ("relative/path label" lines) under train_root
+    train_split: str = "train"  # packed datasets (dali-ba data pack): the split each loader reads
+    val_split: str = "val"
     batch_size: int = P.batch_size  # B: unique images per step per rank
     num_views: int = 4  # M: augmented views of each image in the same batch
     image_size: int = P.image_size
@@ -64,6 +66,8 @@ class DataConfig:
     hw_decoder_load: float = P.hw_decoder_load
     preallocate_width_hint: int = P.preallocate_width_hint
     preallocate_height_hint: int = P.preallocate_height_hint
+    packed_shuffle: str = P.packed_shuffle
+    shuffle_buffer: int = P.shuffle_buffer
 
     def __post_init__(self) -> None:
         check_options(self, prefix="data.")

@@ -41,12 +41,17 @@ def list_classes(root: Path) -> List[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 
 
+def _is_url(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
 def check_dataset_paths(root: str | Path, file_list: Optional[str | Path] = None) -> None:
     """DatasetError unless ``root`` is a folder and ``file_list`` (if any) a file: a check that
-    costs nothing, so a trainer can make it before loading anything heavy."""
-    if not Path(root).is_dir():
+    costs nothing, so a trainer can make it before loading anything heavy. Object-storage URLs are
+    checked when they are read (a packed dataset's manifest, a file list)."""
+    if not _is_url(root) and not Path(root).expanduser().is_dir():
         raise DatasetError(f"image folder not found: {root}")
-    if file_list is not None and not Path(file_list).is_file():
+    if file_list is not None and not _is_url(file_list) and not Path(file_list).expanduser().is_file():
         raise DatasetError(f"file list not found: {file_list}")
 
 
@@ -58,10 +63,15 @@ def scan_image_folder(root: str | Path, file_list: Optional[str | Path] = None, 
     folder holds no image (unless ``allow_empty_classes``: ``dali-ba data verify`` reports them
     instead), or a file-list line is malformed.
     """
-    root = Path(root)
     check_dataset_paths(root, file_list)
+    if _is_url(root):
+        if file_list is None:
+            raise DatasetError(f"{root}: an object-storage root needs a file list, or must be a packed dataset "
+                               "(see `dali-ba data pack`)")
+        return _read_remote_file_list(str(root), str(file_list))
+    root = Path(root).expanduser()
     if file_list is not None:
-        return _read_file_list(root, Path(file_list))
+        return _read_file_list(root, Path(file_list).expanduser())
     classes = list_classes(root)
     if not classes:
         raise DatasetError(f"no class folders in {root} (expected {root}/<class>/<image>.jpg)")
@@ -92,22 +102,48 @@ def _class_images(class_dir: str) -> Iterator[str]:
         yield from (os.path.join(dirpath, f) for f in filenames if _is_image(f))
 
 
-def _read_file_list(root: Path, file_list: Path) -> Dataset:
-    """The ``relative/path label`` lines of ``file_list`` (already checked by ``check_dataset_paths``)."""
-    files: List[str] = []
+def _parse_file_list(text: str, where: str) -> tuple[List[str], List[int]]:
+    """(relative paths, labels) of the ``relative/path label`` lines of a file list."""
+    paths: List[str] = []
     labels: List[int] = []
-    base = str(root.resolve())
-    for number, line in enumerate(file_list.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         path, _, label = line.rpartition(" ")
         if not path or not label.lstrip("-").isdigit() or int(label) < 0:
-            raise DatasetError(f"{file_list}:{number}: expected 'relative/path label', got {line!r}")
-        files.append(os.path.normpath(os.path.join(base, path)))
+            raise DatasetError(f"{where}:{number}: expected 'relative/path label', got {line!r}")
+        paths.append(path)
         labels.append(int(label))
-    if not files:
-        raise DatasetError(f"file list {file_list} lists no images")
+    if not paths:
+        raise DatasetError(f"file list {where} lists no images")
+    return paths, labels
+
+
+def _read_remote_file_list(root: str, file_list: str) -> Dataset:
+    """A file list (local or in object storage) of objects under an ``s3://``/``gs://`` root; the
+    labels name the classes ("0", "1", ...)."""
+    from dali_ba import storage
+    from dali_ba.errors import UserError
+
+    try:
+        data = storage.read_bytes(file_list)
+    except UserError as exc:
+        raise DatasetError(str(exc)) from None
+    if data is None:
+        raise DatasetError(f"file list not found: {file_list}")
+    paths, labels = _parse_file_list(data.decode("utf-8", "surrogateescape"), file_list)
+    base = root.rstrip("/")
+    files = [f"{base}/{os.path.normpath(p).lstrip('/')}" for p in paths]
+    classes = [str(i) for i in range(max(labels) + 1)]
+    return Dataset(base, files, np.asarray(labels, dtype=np.int32), classes)
+
+
+def _read_file_list(root: Path, file_list: Path) -> Dataset:
+    """The ``relative/path label`` lines of ``file_list`` (already checked by ``check_dataset_paths``)."""
+    base = str(root.resolve())
+    paths, labels = _parse_file_list(file_list.read_text(), str(file_list))
+    files = [os.path.normpath(os.path.join(base, p)) for p in paths]
     num_classes = max(labels) + 1
     folder_classes = list_classes(root)
     # The class folders name the labels when there are enough of them (a clean list written by

@@ -11,15 +11,17 @@ copied out of DALI's buffers (``buffers.ReusedBuffers``), so a batch may be kept
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import ClassVar, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from dali_ba.buffers import ReusedBuffers
-from dali_ba.dataset import Dataset, align_classes, scan_image_folder
-from dali_ba.errors import ConfigError, DatasetError, DecodeError, LoaderStateError
+from dali_ba.dataset import align_classes
+from dali_ba.errors import ConfigError, DatasetError, DecodeError, LoaderStateError, UserError
+from dali_ba.index import AnyDataset, open_dataset
 from dali_ba.options import PipelineOptions, check_options, graph_settings
+from dali_ba.packed import READER_NAME, PackedDataset, PackedSource
 from dali_ba.pipeline import abandon_pipeline, build_pipeline, output_names, resolve_device, resolve_device_id
 from dali_ba.sharding import augment_seed, eval_shard_indices, resolve_shard, steps_per_epoch
 from dali_ba.source import EvalBatches, TrainBatches
@@ -34,14 +36,19 @@ class _DaliLoader(PipelineOptions):
     """What both loaders share: the dataset, the shard, the device, one pipeline and its iterator."""
 
     root: str = field(kw_only=False)
+    DEFAULT_SPLIT: ClassVar[str] = "train"
 
     def __post_init__(self) -> None:
         check_options(self)
         self.mean, self.std = tuple(float(x) for x in self.mean), tuple(float(x) for x in self.std)
-        self.dataset: Dataset = scan_image_folder(self.root, self.file_list)
+        from_process_group = self.shard_id is None and self.num_shards is None
         self.shard_id, self.num_shards = resolve_shard(self.shard_id, self.num_shards)
         self.device = resolve_device(self.device)
         self.device_id = resolve_device_id(self.device, self.device_id)
+        # Every rank builds this loader when its shard comes from the process group: scan once, share.
+        self.dataset: AnyDataset = open_dataset(self.root, self.file_list, self.split or self.DEFAULT_SPLIT,
+                                                share=from_process_group, device_id=self.device_id)
+        self.packed = isinstance(self.dataset, PackedDataset)
         self.pipeline_builds = 0  # how many DALI pipelines this loader built (one per run, normally)
         self._pipe = self._iterator = None
         self._buffers = ReusedBuffers()
@@ -52,13 +59,22 @@ class _DaliLoader(PipelineOptions):
 
     def _open(self, source, num_views: int, train: bool, seed: int, checkpoint: Optional[bytes] = None,
               decode_per_view: Optional[str] = None) -> None:
+        from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        self._pipe = build_pipeline(source, self, num_views=num_views, seed=seed, train=train, checkpoint=checkpoint,
-                                    decode_per_view=decode_per_view)
+        try:
+            self._pipe = build_pipeline(source, self, num_views=num_views, seed=seed, train=train,
+                                        checkpoint=checkpoint, decode_per_view=decode_per_view)
+        except RuntimeError as exc:
+            if self.packed or "://" in self.dataset.root:  # a reader that opens its shards at build time
+                raise DatasetError(f"cannot read {self.dataset.root}: {_dali_message(exc)}") from None
+            raise
         self.pipeline_builds += 1
+        # A packed dataset's epochs are its reader's: whole batches for training, every sample once in eval.
+        policy = LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL
+        reader = dict(reader_name=READER_NAME, last_batch_policy=policy) if self.packed else {}
         self._iterator = DALIGenericIterator([self._pipe], output_names(num_views), auto_reset=True,
-                                             prepare_first_batch=False)
+                                             prepare_first_batch=False, **reader)
 
     def _close(self, failed: bool = False) -> None:
         """Drop the pipeline (a failed one is abandoned, not destroyed: see ``abandon_pipeline``)."""
@@ -77,12 +93,15 @@ class _DaliLoader(PipelineOptions):
             self._close(failed=True)
             raise self._decode_error(exc, suspects) from None
 
-    def _end_epoch(self) -> None:
-        """Take the pipeline's end of epoch: the iterator resets it and starts prefetching the next."""
-        try:
-            next(self._iterator)
-        except StopIteration:
-            return
+    def _end_epoch(self, spare: int = 0) -> None:
+        """Take the pipeline's end of epoch: the iterator resets it and starts prefetching the next.
+        ``spare``: whole batches the reader may still hold (a packed share one batch longer than
+        the steps every rank runs), read and dropped."""
+        for _ in range(spare + 1):
+            try:
+                next(self._iterator)
+            except StopIteration:
+                return
         raise RuntimeError("the DALI pipeline did not end its epoch where the loader expected it to")
 
     def _to_torch(self, out: dict, num_views: int, grouped: bool) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +118,11 @@ class _DaliLoader(PipelineOptions):
         """DALI's decode errors rarely name the file: decode the suspects again to find it."""
         from dali_ba.data.verify import find_undecodable
 
-        dali_msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        dali_msg = _dali_message(exc)
+        if self.packed or "://" in self.dataset.root:
+            what = "the packed dataset" if self.packed else "objects under"
+            return DecodeError(f"DALI failed while reading {what} {self.dataset.root} ({dali_msg}); check that "
+                               f"the storage is reachable and the shards match dataset.json's sha256, or pack again")
         bad = [(b.path, b.reason) for b in find_undecodable(candidates, num_threads=1, progress=False)]
         hint = f"run `dali-ba data verify {self.dataset.root}` to list every such file (and write a clean file list)"
         if bad:
@@ -107,6 +130,13 @@ class _DaliLoader(PipelineOptions):
             return DecodeError(f"cannot decode {named}; {hint}", bad_files=[p for p, _ in bad])
         return DecodeError(f"DALI failed while loading ({dali_msg}); none of the {len(candidates)} files of the "
                            f"batches in flight failed a decode on their own; {hint}")
+
+    def _graph(self, **extra) -> dict:
+        """The settings that shape this loader's graph (saved with its state)."""
+        if self.packed:
+            extra.update(split=self.dataset.split, packed_shuffle=self.packed_shuffle,
+                         shuffle_buffer=self.shuffle_buffer)
+        return graph_settings(self, **extra)
 
     @classmethod
     def _kwargs_from(cls, data) -> dict:
@@ -165,20 +195,19 @@ class BatchAugmentLoader(_DaliLoader):
         """Dataset indices (into ``loader.dataset.files``) of this rank's images in that step."""
         if not 0 <= step < self._steps:
             raise ValueError(f"step: expected 0 <= step < {self._steps} (steps per epoch); got {step}")
+        if self.packed:
+            raise UserError(f"batch_indices: the images of a step of the packed dataset {self.root} are chosen "
+                            "by DALI's reader as it reads; only loose files have them up front")
         return self._source.batch_indices(epoch, step)
 
-    def _batches(self, first_epoch: int, first_step: int) -> TrainBatches:
-        return TrainBatches(
-            self.dataset.files,
-            self.dataset.labels,
-            batch_size=self.batch_size,
-            steps=self._steps,
-            shard_id=self.shard_id,
-            num_shards=self.num_shards,
-            seed=self.seed,
-            first_epoch=first_epoch,
-            first_step=first_step,
-        )
+    def _batches(self, first_epoch: int, first_step: int):
+        self._origin = (first_epoch, first_step)
+        if self.packed:
+            return PackedSource(self.dataset, self.shard_id, self.num_shards, train=True, shuffle=self.packed_shuffle,
+                                buffer=self.shuffle_buffer)
+        return TrainBatches(self.dataset.files, self.dataset.labels, batch_size=self.batch_size, steps=self._steps,
+                            shard_id=self.shard_id, num_shards=self.num_shards, seed=self.seed,
+                            first_epoch=first_epoch, first_step=first_step)
 
     def set_epoch(self, epoch: int, step: int = 0) -> None:
         """Start the next ``for`` loop at batch ``step`` of ``epoch`` (like DistributedSampler).
@@ -199,10 +228,12 @@ class BatchAugmentLoader(_DaliLoader):
 
     def _build(self) -> None:
         """The pipeline for the current source, restoring the pending DALI checkpoint if any."""
-        origin = (self._source.first_epoch, self._source.first_step)
-        self._open(self._source, self.num_views, train=True, checkpoint=self._restore,
-                   seed=augment_seed(self.seed, self.shard_id, *origin), decode_per_view=self.decode_per_view)
-        self._restore = None
+        restoring, self._restore = self._restore, None
+        self._open(self._source, self.num_views, train=True, checkpoint=restoring,
+                   seed=augment_seed(self.seed, self.shard_id, *self._origin), decode_per_view=self.decode_per_view)
+        if self.packed and restoring is None:  # DALI's reader starts at its first batch: read up to the position
+            for _ in range(self._origin[1]):
+                next(self._iterator)
 
     def _position(self) -> Tuple[int, int]:
         """(epoch, step) of the next batch; the end of an epoch is the start of the next."""
@@ -215,19 +246,24 @@ class BatchAugmentLoader(_DaliLoader):
         while self._step < self._steps:
             before = self._dali_state()
             # The failing batch is this one or one the pipeline prefetched after it.
-            ahead = range(self._step, min(self._steps, self._step + 1 + self.prefetch))
-            suspects = [self.dataset.files[i] for s in ahead for i in self._source.batch_indices(self._epoch, s)]
             try:
-                out = self._next(suspects)
+                out = self._next(self._suspects())
             except DecodeError:
                 self._restore = before  # a later build resumes with the batch that failed
                 raise
             batch = self._to_torch(out, self.num_views, grouped=self.layout == "grouped")
             self._step += 1
             if self._step == self._steps:
-                self._end_epoch()  # (epoch, steps) is the position (epoch + 1, 0): see _position
+                self._end_epoch(spare=int(self.packed))  # (epoch, steps) is (epoch + 1, 0): see _position
             yield batch
         self._epoch, self._step = self._position()
+
+    def _suspects(self) -> list:
+        """The files of the batch fetched next and of those the pipeline may have prefetched."""
+        if self.packed:
+            return []
+        ahead = range(self._step, min(self._steps, self._step + 1 + self.prefetch))
+        return [self.dataset.files[i] for s in ahead for i in self._source.batch_indices(self._epoch, s)]
 
     def _dali_state(self) -> Optional[bytes]:
         """The DALI checkpoint of the current position (taken once per position)."""
@@ -244,10 +280,10 @@ class BatchAugmentLoader(_DaliLoader):
 
         epoch, step = self._position()
         return {"version": STATE_VERSION, "epoch": epoch, "step": step, "dali": self._dali_state(),
-                "origin": [self._source.first_epoch, self._source.first_step], "dali_version": dali_version,
+                "origin": list(self._origin), "dali_version": dali_version,
                 "seed": self.seed, "num_files": len(self.dataset), "batch_size": self.batch_size,
                 "num_views": self.num_views, "shard_id": self.shard_id, "num_shards": self.num_shards,
-                "graph": graph_settings(self, decode_per_view=self.decode_per_view)}
+            "graph": self._graph(decode_per_view=self.decode_per_view)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where ``state`` was saved; LoaderStateError when that is not possible
@@ -301,6 +337,7 @@ class EvalLoader(_DaliLoader):
     validation set may lack some). ``indices``: evaluate only these dataset indices.
     """
 
+    DEFAULT_SPLIT: ClassVar[str] = "val"
     views: int = 1
     classes: Optional[Sequence[str]] = None
     indices: Optional[Sequence[int]] = None
@@ -308,12 +345,19 @@ class EvalLoader(_DaliLoader):
     def __post_init__(self) -> None:
         train_classes, subset = self.classes, self.indices
         super().__post_init__()
-        if train_classes is not None:
+        if self.packed and (subset is not None or (train_classes is not None and
+                                                   list(train_classes) != self.dataset.classes)):
+            raise DatasetError(f"{self.root}: a packed split is evaluated whole, with the classes of its manifest "
+                               f"(indices= is for loose files; pack train and val into one folder to share classes)")
+        if train_classes is not None and not self.packed:
             self.dataset = align_classes(self.dataset, list(train_classes), "the training set", self.root)
         self.classes = list(self.dataset.classes)  # the training set's, when given
         chosen = np.arange(len(self.dataset)) if subset is None else np.asarray(subset, dtype=np.int64)
         self.indices = chosen[eval_shard_indices(len(chosen), self.shard_id, self.num_shards)]
-        self._source = EvalBatches(self.dataset.files, self.dataset.labels, self.indices, self.batch_size)
+        if self.packed:
+            self._source = PackedSource(self.dataset, self.shard_id, self.num_shards, train=False)
+        else:
+            self._source = EvalBatches(self.dataset.files, self.dataset.labels, self.indices, self.batch_size)
         self._complete = True  # the last `for` loop ran to the end (the pipeline is at an epoch start)
 
     @classmethod
@@ -337,15 +381,23 @@ class EvalLoader(_DaliLoader):
         if not self._complete:  # a loop left early: its pipeline is mid-epoch, start again
             self._close()
         if self._iterator is None:
-            self._open(
-                self._source, self.views, train=False, seed=augment_seed(self.seed, self.shard_id, EVAL_SEED_KEY)
-            )
+            seed = augment_seed(self.seed, self.shard_id, EVAL_SEED_KEY)
+            self._open(self._source, self.views, train=False, seed=seed)
         self._complete = False
         for step in range(len(self)):
-            ahead = range(step, min(len(self), step + 1 + self.prefetch))
+            ahead = range(step, min(len(self), step + 1 + self.prefetch)) if not self.packed else ()
             suspects = [self.dataset.files[i] for s in ahead for i in self._source.batch_indices(s)]
             images, labels = self._to_torch(self._next(suspects), self.views, grouped=True)
             if step == len(self) - 1:
                 self._end_epoch()
                 self._complete = True
             yield (images[:, 0] if self.views == 1 else images), labels
+
+
+def _dali_message(exc: Exception) -> str:
+    """The meaningful line of a DALI error (after its operator traceback, if any)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if "encountered:" in lines:
+        lines = lines[lines.index("encountered:") + 1:]
+    lines = [line for line in lines if not line.startswith(("Critical error", "Current pipeline object", "Error in"))]
+    return lines[0].strip(": ") if lines else type(exc).__name__

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence
 
 from dali_ba.errors import ConfigError
+from dali_ba.packed import PACKED_SHUFFLES
 
 AUGMENT_RECIPES = ("imagenet", "cifar")
 DEVICES = ("auto", "cpu", "cuda")
@@ -49,6 +50,9 @@ class PipelineOptions:
     mean: Sequence[float] = IMAGENET_MEAN  # normalisation, 0..1 scale
     std: Sequence[float] = IMAGENET_STD
     antialias: bool = True  # imagenet crops: False = faster, aliased downscaling (an approximation)
+    split: Optional[str] = None  # packed dataset: the split to read (default: train, or val for EvalLoader)
+    packed_shuffle: str = "buffer"  # packed dataset: "buffer" (sequential reads) or "global" (see dali_ba.packed)
+    shuffle_buffer: int = 1024  # packed dataset, "buffer": samples DALI draws from at random
 
     @property
     def needs_conditionals(self) -> bool:
@@ -105,6 +109,7 @@ CHECKS: Dict[str, Callable[[Any], Optional[str]]] = {
     "hw_decoder_load": _between(0.0, 1.0), "preallocate_width_hint": _at_least(0),
     "preallocate_height_hint": _at_least(0), "min_area": _between(0.0, 1.0, low_open=True), "pad": _at_least(0),
     "color_jitter": _at_least(0.0), "mean": _rgb, "std": _rgb_positive, "seed": _at_least(0),
+    "packed_shuffle": _one_of(PACKED_SHUFFLES), "shuffle_buffer": _at_least(1),
 }
 
 

@@ -94,7 +94,8 @@ def build_pipeline(
     """A built pipeline yielding ``(view 0 [B, C, H, W], …, view M-1, labels [B, 1])``.
 
     ``source(BatchInfo) -> (paths, labels)``: this rank's batch, or ``StopIteration`` at the end of
-    an epoch. ``spec``: the loader's options (batch size, recipe, decode settings).
+    an epoch; or an object whose ``read()`` makes DALI's own reader nodes (a packed dataset).
+    ``spec``: the loader's options (batch size, recipe, decode settings).
     ``train=False``: the eval transform for ``num_views == 1``, else random train views.
     ``decode_per_view``: None, or the naive graphs ``"full"`` / ``"crop"``.
     ``pipeline_options``: extra ``Pipeline`` arguments (e.g. ``exec_dynamic=False`` for statistics).
@@ -105,8 +106,11 @@ def build_pipeline(
         raise ConfigError(f"decode_per_view: expected None or one of {', '.join(NAIVE_MODES)}; got {decode_per_view!r}")
 
     def graph():
-        paths, labels = fn.external_source(source=source, batch=True, batch_info=True, num_outputs=2)
-        encoded = fn.io.file.read(paths)
+        if hasattr(source, "read"):  # a reader of its own (dali_ba.packed.PackedSource)
+            encoded, labels = source.read()
+        else:
+            paths, labels = fn.external_source(source=source, batch=True, batch_info=True, num_outputs=2)
+            encoded = fn.io.file.read(paths)
         if decode_per_view is not None:
             views = _naive_views(encoded, spec, num_views, decode_per_view)
         elif not train and num_views == 1:

@@ -136,6 +136,8 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
         if validation:
             advice = (f"replace or remove the file(s) under {cfg.data.val_root} and run again to resume at step {step} "
                       "(the evaluation that failed is not repeated)")
+        elif loader.packed or "://" in loader.dataset.root:
+            advice = f"run again to resume exactly there once {loader.dataset.root} can be read"
         else:
             advice = (f"replace the file(s) and run again to resume exactly there, or leave them out (data.train_list= "
                       f"a clean list) and run again to resume at step {step} with the epoch re-shuffled")
