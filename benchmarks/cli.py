@@ -62,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time each measurement for at least this long (default: 3 CPU, 10 GPU)")
     loader.add_argument("--epoch-images", type=int, default=0,
                         help="read only this many images (short epochs: shows the epoch-boundary cost)")
+    loader.add_argument("--packed", default=None, metavar="DIR",
+                        help="the same images packed (dali-ba data pack): adds the dali-packed variant")
+    loader.add_argument("--packed-s3", default=None, metavar="URL",
+                        help="the same images packed at an s3:// URL: adds the dali-packed-s3 variant")
     loader.add_argument("--image-size", type=int, default=224)
     loader.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto (default): cuda when a GPU is visible")
@@ -117,6 +121,14 @@ def settings_from_args(args: argparse.Namespace):
         raise UserError("--epoch-images and --min-seconds: expected values >= 0")
     if not Path(args.root).expanduser().is_dir():
         raise UserError(f"--root: image folder not found: {args.root}")
+    for flag, value, variant in (("--packed", args.packed, "dali-packed"), ("--packed-s3", args.packed_s3,
+                                                                             "dali-packed-s3")):
+        if value and variant not in variants:
+            variants.append(variant)
+        if variant in variants and not value:
+            raise UserError(f"--variants {variant} needs {flag}")
+    if args.epoch_images and (args.packed or args.packed_s3):
+        raise UserError("--epoch-images reads a subset of --root; a packed dataset is read whole: pack the subset")
     defaults = DEFAULTS[device]
     return LoaderBenchSettings(
         root=str(Path(args.root).expanduser()), views=args.views, variants=variants, batch_size=args.batch_size,
@@ -124,7 +136,7 @@ def settings_from_args(args: argparse.Namespace):
         warmup=max(0, args.warmup if args.warmup is not None else defaults["warmup"]),
         min_seconds=args.min_seconds if args.min_seconds is not None else defaults["min_seconds"],
         image_size=args.image_size, device=device, hw_decoder_loads=args.hw_decoder_load or [0.65], seed=args.seed,
-        epoch_images=args.epoch_images,
+        epoch_images=args.epoch_images, packed=args.packed, packed_s3=args.packed_s3,
     )
 
 

@@ -14,6 +14,8 @@ random-resized crops (area 0.08–1, aspect 3/4–4/3) + horizontal flips, label
 - ``dali-rn50`` (M=1 only): DALI's own ResNet-50 training pipeline (its PyTorch example's graph),
   the reference users know for one view per image.
 - ``dali-fused-noaa``: ``dali-fused`` with ``antialias=False`` (an explicit approximation).
+- ``dali-packed``, ``dali-packed-s3``: ``dali-fused`` reading the same images packed
+  (``dali-ba data pack``) from a local folder or an ``s3://`` URL (``--packed``, ``--packed-s3``).
 - ``torchvision``: ``ImageFolder`` (PIL decode, EXIF orientation applied) + the torchvision v2
   transform applied M times to the decoded image, in a ``DataLoader`` with ``T`` workers.
 
@@ -33,7 +35,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 VARIANTS = ("dali-fused", "dali-naive", "torchvision")  # the default set
-DALI_VARIANTS = ("dali-fused", "dali-rebuild", "dali-naive", "dali-naive-crop", "dali-fused-noaa", "dali-rn50")
+DALI_VARIANTS = ("dali-fused", "dali-rebuild", "dali-naive", "dali-naive-crop", "dali-fused-noaa", "dali-rn50",
+                 "dali-packed", "dali-packed-s3")
 ALL_VARIANTS = DALI_VARIANTS + ("torchvision",)
 SINGLE_VIEW_VARIANTS = ("dali-rn50",)
 
@@ -55,6 +58,8 @@ class LoaderBenchSettings:
     prefetch: int = 2
     seed: int = 0
     epoch_images: int = 0  # > 0: read only this many images, so epochs are short and boundaries show
+    packed: Optional[str] = None  # dali-packed: the same images packed (dali-ba data pack), a local folder
+    packed_s3: Optional[str] = None  # dali-packed-s3: the same, at an s3:// URL
     file_list: Optional[str] = None  # set by ``prepare``: the subset's file list
     options: Dict[str, object] = field(default_factory=dict)  # extra BatchAugmentLoader keywords
 
@@ -224,7 +229,8 @@ def _paired(fused: dict, other: dict, key: str, invert: bool = False) -> Optiona
     return _median(pairs) if pairs else None
 
 
-COMPARED = ("torchvision", "dali-naive", "dali-naive-crop", "dali-rebuild", "dali-rn50")
+COMPARED = ("torchvision", "dali-naive", "dali-naive-crop", "dali-rebuild", "dali-rn50", "dali-packed",
+            "dali-packed-s3")
 
 
 def ratios(results: List[dict]) -> Dict[str, Dict[str, float]]:

@@ -56,12 +56,12 @@ def prepare(s: LoaderBenchSettings) -> None:
     s.file_list = listing.name
 
 
-def _dali_loader(s: LoaderBenchSettings, num_views: int, hw_decoder_load: float, **options):
+def _dali_loader(s: LoaderBenchSettings, num_views: int, hw_decoder_load: float, root=None, **options):
     from dali_ba.loader import BatchAugmentLoader
 
     return BatchAugmentLoader(
-        s.root, file_list=s.file_list, batch_size=s.batch_size, num_views=num_views, image_size=s.image_size,
-        augment="imagenet", device=s.device, shard_id=0, num_shards=1, seed=s.seed, num_threads=s.threads,
+        root or s.root, file_list=None if root else s.file_list, batch_size=s.batch_size, num_views=num_views,
+        image_size=s.image_size, augment="imagenet", device=s.device, shard_id=0, num_shards=1, seed=s.seed, num_threads=s.threads,
         prefetch=s.prefetch, hw_decoder_load=hw_decoder_load, mean=MEAN, std=STD, **{**s.options, **options},
     )
 
@@ -73,7 +73,8 @@ def _endless(loader) -> Iterator:
 
 def _start_loader(s: LoaderBenchSettings, case: Case, hw: float) -> Source:
     options = {"dali-naive": {"decode_per_view": "full"}, "dali-naive-crop": {"decode_per_view": "crop"},
-               "dali-fused-noaa": {"antialias": False}}.get(case.variant, {})
+               "dali-fused-noaa": {"antialias": False}, "dali-packed": {"root": s.packed},
+               "dali-packed-s3": {"root": s.packed_s3}}.get(case.variant, {})
     loader = _dali_loader(s, case.num_views, hw, **options)
     batches = _endless(loader)
     return Source(batches, lambda: loader.step % len(loader), batches.close)

@@ -49,6 +49,7 @@ class DataConfig:
     train_split: str = "train"  # packed datasets (dali-ba data pack): the split each loader reads
     val_split: str = "val"
     batch_size: int = P.batch_size  # B: unique images per step per rank
+    global_batch_size: int = 0  # > 0: unique images per step over all ranks (B = this / world size)
     num_views: int = 4  # M: augmented views of each image in the same batch
     image_size: int = P.image_size
     augment: str = P.augment

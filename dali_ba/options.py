@@ -109,7 +109,7 @@ CHECKS: Dict[str, Callable[[Any], Optional[str]]] = {
     "hw_decoder_load": _between(0.0, 1.0), "preallocate_width_hint": _at_least(0),
     "preallocate_height_hint": _at_least(0), "min_area": _between(0.0, 1.0, low_open=True), "pad": _at_least(0),
     "color_jitter": _at_least(0.0), "mean": _rgb, "std": _rgb_positive, "seed": _at_least(0),
-    "packed_shuffle": _one_of(PACKED_SHUFFLES), "shuffle_buffer": _at_least(1),
+    "packed_shuffle": _one_of(PACKED_SHUFFLES), "shuffle_buffer": _at_least(1), "global_batch_size": _at_least(0),
 }
 
 

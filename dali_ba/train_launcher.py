@@ -12,6 +12,7 @@ child, which is in the same process group); the exit code is the child's.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -43,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ConfigError(f"--nproc: expected a value >= 1; got {args.nproc}")
     overrides = list(getattr(args, "overrides", []) or [])
-    checked = subprocess.run(build_command(args.config, overrides, resume=args.resume, check=True))
+    env = {**os.environ, "WORLD_SIZE": str(args.nproc)}  # the check sees the world the run will have
+    checked = subprocess.run(build_command(args.config, overrides, resume=args.resume, check=True), env=env)
     if checked.returncode != 0:  # the check printed its one line
         return checked.returncode
     child = subprocess.Popen(build_command(args.config, overrides, args.nproc, args.resume))

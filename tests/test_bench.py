@@ -271,7 +271,7 @@ def _tiny_config(tmp_path: Path, image_folder: Path) -> Path:
 
 def test_train_bench_times_the_trainers_step_and_sees_a_slow_loader(tmp_path, image_folder, monkeypatch):
     """Both phases run the trainer's own step (Engine.step), and a loader made 80 ms slower per
-    batch shows up as most of the real phase's time."""
+    batch shows up as waiting, not as compute."""
     import time
 
     from benchmarks.train_bench import run_train_bench
@@ -295,9 +295,12 @@ def test_train_bench_times_the_trainers_step_and_sees_a_slow_loader(tmp_path, im
     cfg = load_config(_tiny_config(tmp_path, image_folder), ["train.view_chunks=2"])
     summary, rows = run_train_bench(cfg, steps=3, warmup=1, rounds=1, min_seconds=0, log=lambda line: None)
     assert len(calls) == 2 * (1 + 3)  # warm-up and timed steps, both phases
-    assert [r["phase"] for r in rows] == ["real", "synthetic"]
-    assert summary["data_wait_fraction"] > 0.5 and summary["data_bound"]
-    assert rows[0]["data_wait_s"] >= 3 * 0.08 and rows[1]["data_wait_s"] < 0.01
+    real, synthetic = rows
+    assert (real["phase"], synthetic["phase"]) == ("real", "synthetic")
+    # The injected 80 ms per batch is counted as waiting, and the steps' own compute is not.
+    assert real["data_wait_s"] >= 3 * 0.08 and synthetic["data_wait_s"] < 0.01
+    assert real["data_wait_s"] <= real["seconds"] - 0.5 * synthetic["seconds"]
+    assert summary["data_wait_fraction"] == pytest.approx(real["data_wait_s"] / real["seconds"])
 
 
 def test_cli_train_writes_its_record(tmp_path, image_folder):

@@ -81,7 +81,7 @@ def test_loader_options_are_written_once():
         assert all(p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.annotation != p.empty
                    for p in params.values())
         assert not any(p.kind == p.VAR_KEYWORD for p in params.values())
-    data_only = {"train_root", "val_root", "train_list", "train_split", "val_split", "num_views"}
+    data_only = {"train_root", "val_root", "train_list", "train_split", "val_split", "num_views", "global_batch_size"}
     for f in dataclasses.fields(DataConfig):
         if f.name in data_only:
             continue

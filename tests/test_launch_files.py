@@ -293,8 +293,12 @@ def test_k8s_elastic_job_is_worker_only_with_c10d():
     policy = spec["elasticPolicy"]
     assert policy["rdzvBackend"] == "c10d"
     assert policy["minReplicas"] <= spec["pytorchReplicaSpecs"]["Worker"]["replicas"] <= policy["maxReplicas"]
-    # The trainer refuses to resume a checkpoint at another world size (per-rank loader state).
-    assert policy["minReplicas"] == policy["maxReplicas"]
+    # Elastic for real: the run fixes its global batch, so a checkpoint resumes on another size.
+    assert policy["minReplicas"] < policy["maxReplicas"]
+    args = spec["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["args"]
+    total = int(next(a for a in args if a.startswith("data.global_batch_size=")).split("=")[1])
+    gpus = int(spec["nprocPerNode"])
+    assert all(total % (gpus * pods) == 0 for pods in range(policy["minReplicas"], policy["maxReplicas"] + 1))
     assert "nProcPerNode" not in policy, "deprecated; spec.nprocPerNode is used"
     fixed = _load(DOCKER / "k8s" / "pytorchjob.yaml")
     fixed_pod = fixed["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]

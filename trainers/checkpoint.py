@@ -28,8 +28,8 @@ LAST, BEST = "last.pt", "best.pt"
 # The training set itself may change (data.train_root / data.train_list, e.g. a broken image left
 # out): the classes must stay the same, and the loader then restarts the epoch's order (loop.py).
 MUST_MATCH = (
-    "model.arch", "model.num_classes", "data.batch_size", "data.num_views", "data.image_size", "data.augment",
-    "train.epochs", "train.seed", "train.amp", "train.view_chunks",
+    "model.arch", "model.num_classes", "data.batch_size", "data.global_batch_size", "data.num_views",
+    "data.image_size", "data.augment", "train.epochs", "train.seed", "train.amp", "train.view_chunks",
 )
 MUST_MATCH_SECTIONS = ("optim", "schedule")
 
@@ -152,10 +152,20 @@ def config_differences(saved: dict, current: dict) -> List[str]:
     return [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
-def check_compatible(ckpt: dict, config: dict, world: int, path: Path) -> None:
+def check_compatible(ckpt: dict, config: dict, world: int, path: Path, packed: bool = False) -> None:
+    """ResumeError unless ``config`` on ``world`` ranks can continue ``ckpt``. Another world size is
+    fine when the run fixes its global batch (``data.global_batch_size``), for loose files."""
     problems = config_differences(ckpt["config"], config)
+    elastic = config["data"].get("global_batch_size", 0) > 0
     if ckpt["world_size"] != world:
-        problems.append(f"world size: checkpoint {ckpt['world_size']}, now {world} (the loader state is per rank)")
+        problems = [p for p in problems if not (elastic and p.startswith("data.batch_size:"))]
+        if not elastic:
+            problems.append(f"world size: checkpoint {ckpt['world_size']}, now {world} (set data.global_batch_size "
+                            "to resume a run on another number of ranks)")
+        elif packed:
+            problems.append(f"world size: checkpoint {ckpt['world_size']}, now {world}: a packed dataset's reader "
+                            "cannot re-deal the rest of its epoch to another number of ranks (resume on "
+                            f"{ckpt['world_size']} ranks, or train from loose files)")
     if problems:
         raise ResumeError(
             f"cannot resume from {path}: it was written by a different run ({'; '.join(problems)}); "

@@ -6,6 +6,7 @@ validated by the dataclasses below; the resolved config is saved beside the run'
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Sequence
@@ -131,6 +132,20 @@ class Config:
         if self.data.dtype == "float16" and self.train.amp == "off":
             raise ConfigError("data.dtype=float16 needs train.amp=fp16 or bf16: an fp32 model cannot take "
                               "float16 images (or set data.dtype=float32)")
+
+
+def for_world(cfg: Config, world: int) -> Config:
+    """``cfg`` for ``world`` ranks: with ``data.global_batch_size`` set, ``data.batch_size`` becomes
+    its share per rank (a ConfigError, the same on every rank, when it does not divide)."""
+    total = cfg.data.global_batch_size
+    if total == 0:
+        return cfg
+    if total % world:
+        error = ConfigError(f"data.global_batch_size={total} does not divide among {world} ranks; use a multiple "
+                            f"of {world} or another number of ranks")
+        error.all_ranks = True
+        raise error
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=total // world))
 
 
 def config_from_dict(values: dict, overrides: Sequence[str] = (), source: str = "<dict>") -> Config:

@@ -27,9 +27,10 @@ from tqdm import tqdm
 from dali_ba import BatchAugmentLoader, EvalLoader
 from dali_ba.config import config_to_dict, save_config
 from dali_ba.errors import ConfigError, DecodeError, LoaderStateError
+from dali_ba.packed import is_packed
 from trainers import checkpoint as ckpt
 from trainers import dist as tdist
-from trainers.config import Config
+from trainers.config import Config, for_world
 from trainers.engine import Engine, build_engine
 from trainers.evaluate import evaluate
 from trainers.faults import DataFailure, gather_failure
@@ -78,29 +79,46 @@ def build_loaders(cfg: Config):
     return loader, val
 
 
-def restore(state: dict, path: Path, engine: Engine, loader: BatchAugmentLoader, env: tdist.DistEnv):
-    """Load a checkpoint into the run: (step, best top-1, how the data resumed when not exactly)."""
+def restore(state: dict, path: Path, engine: Engine, loader: BatchAugmentLoader, env: tdist.DistEnv, seed: int):
+    """Load a checkpoint into the run: (step, best top-1, how the data resumed when not exactly).
+
+    On another number of ranks (``data.global_batch_size``) every rank continues at the same step
+    of the same epoch: the epoch's global permutation does not depend on the world size, only how
+    it is dealt, so each global step reads the images it would have; augmentation draws and the
+    per-rank RNG streams start afresh."""
     if state["classes"] != loader.classes:
         raise ckpt.ResumeError(f"cannot resume from {path}: its classes differ from {loader.root}'s")
-    try:
-        resumed = loader.resume(state["loader"][env.rank])
-    except LoaderStateError as exc:
-        raise ckpt.ResumeError(f"cannot resume from {path}: {exc}") from None
+    if state["world_size"] == env.world:
+        try:
+            resumed = loader.resume(state["loader"][env.rank])
+        except LoaderStateError as exc:
+            raise ckpt.ResumeError(f"cannot resume from {path}: {exc}") from None
+        ckpt.set_rng_state(state["rng"][env.rank])
+        message = None if resumed.exact else resumed.message
+    else:
+        saved = state["loader"][0]
+        loader.set_epoch(saved["epoch"], saved["step"])
+        reseed = int(np.random.SeedSequence([seed, env.rank, state["step"]]).generate_state(1)[0])
+        random.seed(reseed), np.random.seed(reseed), torch.manual_seed(reseed)
+        message = (f"resumed on {env.world} ranks from a checkpoint of {state['world_size']}: every global step "
+                   f"reads the images it would have (from step {saved['step']} of epoch {saved['epoch']}), with "
+                   f"fresh augmentation draws")
     engine.model.load_state_dict(state["model"])
     engine.optimizer.load_state_dict(state["optimizer"])
     engine.scaler.load_state_dict(state["scaler"])
     engine.monitor.load_state_dict(state["diagnostics"])
-    ckpt.set_rng_state(state["rng"][env.rank])
-    note = None if resumed.exact else f"{resumed.message}; model, optimizer and step {state['step']} resume from {path}"
+    note = None if message is None else f"{message}; model, optimizer and step {state['step']} resume from {path}"
     return state["step"], state["best_top1"], note
 
 
 def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
+    cfg = for_world(cfg, env.world)  # data.global_batch_size → this world's data.batch_size
     out = Path(cfg.train.out_dir)
     resume_from = ckpt.resolve_resume(cfg.train.resume, out)  # every rank, before any collective
     state = ckpt.load(resume_from) if resume_from is not None else None
     if state is not None:
-        ckpt.check_compatible(state, config_to_dict(cfg), env.world, resume_from)
+        packed = cfg.data.train_list is None and is_packed(cfg.data.train_root)
+        ckpt.check_compatible(state, config_to_dict(cfg), env.world, resume_from, packed=packed)
 
     # -- data, model, schedule ----------------------------------------------------------------
     seed = cfg.train.seed
@@ -112,7 +130,7 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
     stop_at = min(lr_at.total_steps, cfg.train.max_steps or lr_at.total_steps)
     step, best_top1, data_note = 0, -1.0, None
     if state is not None:
-        step, best_top1, data_note = restore(state, resume_from, engine, loader, env)
+        step, best_top1, data_note = restore(state, resume_from, engine, loader, env, seed)
         del state
 
     # Only now, with the data, the model and the checkpoint accepted, does the run touch out_dir.

@@ -48,8 +48,9 @@ estimators). Gradient norms are of the mean-loss gradient, in image units (an im
 
 ``kind: "event"`` — ``event`` is ``start`` (with ``resumed_from`` when resuming), ``preempted``
 (a signal arrived; a checkpoint was saved), ``stopped`` (``reason: decode_error``, ``message``: a
-file failed to decode; a checkpoint was saved), ``data_changed`` (resumed on a changed training
-set, ``message``) or ``end``.
+file failed to decode; a checkpoint was saved), ``data_changed`` (resumed, but not bit for bit:
+the training set changed, DALI could not restore its state, or the run continues on another number
+of ranks; ``message`` says how the data continues) or ``end``.
 
 A process killed while writing can leave a last line without its newline: the next run starts on a
 new line, and readers skip a line that is not valid JSON.

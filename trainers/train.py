@@ -26,12 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from dali_ba.errors import UserError
-    from trainers.config import load_config
+    from trainers.config import for_world, load_config
 
     args = build_parser().parse_args(argv)
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     try:
         cfg = load_config(args.config, overrides)
+        for_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # a global batch that does not divide
         _preflight(cfg)
         if args.check:
             return 0
