@@ -61,8 +61,9 @@ def _dali_loader(s: LoaderBenchSettings, num_views: int, hw_decoder_load: float,
 
     return BatchAugmentLoader(
         root or s.root, file_list=None if root else s.file_list, batch_size=s.batch_size, num_views=num_views,
-        image_size=s.image_size, augment="imagenet", device=s.device, shard_id=0, num_shards=1, seed=s.seed, num_threads=s.threads,
-        prefetch=s.prefetch, hw_decoder_load=hw_decoder_load, mean=MEAN, std=STD, **{**s.options, **options},
+        image_size=s.image_size, augment="imagenet", device=s.device, shard_id=0, num_shards=1, seed=s.seed,
+        num_threads=s.threads, prefetch=s.prefetch, hw_decoder_load=hw_decoder_load, mean=MEAN, std=STD,
+        **{**s.options, **options},
     )
 
 
