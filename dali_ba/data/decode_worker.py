@@ -195,12 +195,12 @@ class DecodeWorker:
 
     def _start(self) -> None:
         parent_end, child_end = socket.socketpair()
+        # This very dali_ba, whatever the child's working directory and sys.path would pick.
         package_root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        code = f"from dali_ba.data.decode_worker import _child_main; _child_main({child_end.fileno()})"
+        code = (f"import sys; sys.path.insert(0, {package_root!r}); "
+                f"from dali_ba.data.decode_worker import _child_main; _child_main({child_end.fileno()})")
         try:
-            self._proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL,
+            self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
                                           stdout=subprocess.DEVNULL, pass_fds=(child_end.fileno(),))
         finally:
             child_end.close()
