@@ -12,11 +12,13 @@ import fcntl
 import os
 import pty
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import termios
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -223,6 +225,175 @@ def test_verify_reports_huge_images_from_their_header_without_decoding(tmp_path)
     )
     assert bad_limit.returncode == 2 and bad_limit.stderr.strip().count("\n") == 0
     assert "--max-pixels" in bad_limit.stderr and "Traceback" not in bad_limit.stderr
+
+
+# ----------------------------------------------------------------------------- verify's decode process
+def _proc_status(pid: int) -> dict:
+    """VmRSS (bytes) and the thread names of a live process; {} once it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        names = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+    except OSError:
+        return {}
+    if "VmRSS" not in fields:
+        return {}
+    return {"rss": int(fields["VmRSS"].split()[0]) * 1024, "threads": names}
+
+
+def _children(pid: int) -> list:
+    """Process ids whose parent is ``pid`` (from /proc/*/stat)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _dali_threads(status: dict) -> int:
+    return sum(name.startswith("[DALI]") for name in status.get("threads", []))
+
+
+def _noise_folder(root: Path, count: int, bad_every: int, w: int, h: int) -> tuple[list, list]:
+    """``count`` noise JPEGs in two classes, every ``bad_every``-th cut in half; returns (bad, good)."""
+    rng = np.random.default_rng(0)
+    bad, good = [], []
+    for i in range(count):
+        path = root / f"c{i % 2}" / f"{i:03d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path, quality=90)
+        if i % bad_every == 2:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        (bad if i % bad_every == 2 else good).append(str(path))
+    return bad, good
+
+
+# The CLI, failing if the verifying process imported DALI itself.
+CLI_NO_DALI = [sys.executable, "-c", "import sys; from dali_ba import cli; "
+               "cli._COMMANDS = [c for c in cli._COMMANDS if c[0][0] == 'data']; rc = cli.main(); "
+               "assert 'nvidia.dali' not in sys.modules, 'verify imported DALI'; sys.exit(rc)"]
+
+
+def _run_sampled(cmd: list, on_sample=None, timeout: float = 300) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run ``cmd``, sampling it and its children every 20 ms: peak RSS of the tree, peak thread counts,
+    the children seen. ``on_sample(children_status)`` may act on the children (e.g. kill one)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = {"tree_rss": 0, "parent_threads": 0, "parent_dali_threads": 0, "child_dali_threads": 0, "children": set()}
+    out: list = []
+    reader = threading.Thread(target=lambda: out.extend(proc.communicate(timeout=timeout)))
+    reader.start()
+    while reader.is_alive():
+        parent = _proc_status(proc.pid)
+        children = {pid: _proc_status(pid) for pid in _children(proc.pid)}
+        children = {pid: status for pid, status in children.items() if status}
+        if parent:
+            peak["tree_rss"] = max(peak["tree_rss"], parent["rss"] + sum(s["rss"] for s in children.values()))
+            peak["parent_threads"] = max(peak["parent_threads"], len(parent["threads"]))
+            peak["parent_dali_threads"] = max(peak["parent_dali_threads"], _dali_threads(parent))
+        for status in children.values():
+            peak["child_dali_threads"] = max(peak["child_dali_threads"], _dali_threads(status))
+        peak["children"] |= set(children)
+        if on_sample is not None:
+            on_sample(children)
+        time.sleep(0.02)
+    reader.join()
+    return subprocess.CompletedProcess(cmd, proc.returncode, *out), peak
+
+
+def _named(stdout: str, root: Path) -> list:
+    return sorted(line.split(": ", 1)[0] for line in stdout.splitlines() if line.startswith(str(root)))
+
+
+def test_verify_memory_and_threads_stay_bounded_with_many_bad_files(tmp_path):
+    """40 truncated JPEGs among 200 (400×300): each named once; DALI runs only in the decode process,
+    which is replaced before it holds more than MAX_ABANDONED failed pipelines, so threads and memory
+    do not grow with the number of bad files. Keeping every failed pipeline in the verifying process
+    exceeds both bounds (docs/reliability.md)."""
+    from dali_ba.data.decode_worker import MAX_ABANDONED
+
+    root = tmp_path / "many_bad"
+    bad, good = _noise_folder(root, 200, bad_every=5, w=400, h=300)
+    done, peak = _run_sampled([*CLI_NO_DALI, "data", "verify", str(root), "--threads", "2"])
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert _named(done.stdout, root) == sorted(bad)  # every bad file exactly once, no good file
+    assert "40 of 200 files cannot be decoded" in done.stdout and "Traceback" not in done.stderr
+    assert peak["parent_dali_threads"] == 0 and peak["parent_threads"] <= 16
+    # One failed batch + one failed single per bad file: more than one child's worth.
+    assert 4 + len(bad) > MAX_ABANDONED and len(peak["children"]) >= 2
+    # Each DALI pipeline has a thread per decode thread + an input thread; held: abandoned + 2 live ones.
+    assert peak["child_dali_threads"] <= 3 * (MAX_ABANDONED + 2)
+    peak_mb = peak["tree_rss"] / 2**20
+    assert peak_mb < 450, f"peak RSS of verify and its decode process: {peak_mb:.0f} MB"
+
+
+def test_verify_survives_its_decode_process_being_killed(tmp_path):
+    """SIGKILL the decode process while it decodes its first batch: a new one takes over, the batch
+    is decoded again file by file, and the result is exactly the bad files."""
+    root = tmp_path / "killed"
+    bad, good = _noise_folder(root, 48, bad_every=8, w=1200, h=900)
+    killed: list = []
+
+    def kill_first_decoder(children: dict) -> None:
+        for pid, status in children.items():
+            if not killed and _dali_threads(status):  # it built its pipeline: a request is in flight
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+    done, peak = _run_sampled([*CLI_NO_DALI, "data", "verify", str(root), "--batch-size", "8", "--threads", "2"],
+                              on_sample=kill_first_decoder)
+    assert killed, "the decode process finished before the test could kill it"
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert _named(done.stdout, root) == sorted(bad)
+    assert len(peak["children"] - set(killed)) >= 1  # a replacement decoded the rest
+
+
+def test_a_file_whose_decode_kills_the_decode_process_twice_is_named(tmp_path):
+    """A decode process that dies is replaced and the file retried once; dying again names the file
+    (as a real DALI segmentation fault would), and no decode process is left behind."""
+    from dali_ba.data.verify import decode_check_one
+
+    path = tmp_path / "big.jpg"
+    ramp = np.linspace(0, 255, 6000, dtype=np.float32)
+    Image.fromarray(np.repeat((np.add.outer(ramp, ramp) / 2).astype(np.uint8)[:, :, None], 3, axis=2)).save(path)
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(decode_check_one(str(path))), daemon=True)
+    killed: set = set()
+    worker.start()
+    while worker.is_alive():
+        for pid in _children(os.getpid()):
+            if pid not in killed and _dali_threads(_proc_status(pid)):  # decoding (36 MP: a few 100 ms)
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+        time.sleep(0.005)
+    worker.join()
+    assert len(killed) == 2, f"killed {len(killed)} decode processes"
+    assert result[0].startswith("DALI crashed while decoding it") and "SIGKILL" in result[0], result
+    assert decode_check_one(str(path)) is None  # a later check starts afresh
+    assert not _children(os.getpid())
+
+
+def test_a_decode_that_does_not_answer_in_time_is_stopped_and_named(tmp_path, monkeypatch):
+    """A decode process that does not answer within the timeout is killed and the file named; the
+    verifying process does not hang."""
+    from dali_ba.data import decode_worker
+    from dali_ba.data.verify import decode_check_one
+
+    _rgb(0).save(tmp_path / "ok.jpg")
+    monkeypatch.setattr(decode_worker, "DECODE_TIMEOUT_S", 0.0)
+    monkeypatch.setattr(decode_worker, "DECODE_TIMEOUT_S_PER_MB", 0.0)
+    reason = decode_check_one(str(tmp_path / "ok.jpg"))
+    assert reason.startswith("DALI did not finish decoding it within 0 s"), reason
+    assert not _children(os.getpid())
 
 
 @pytest.mark.parametrize("augment", ["imagenet", "cifar"])

@@ -2,20 +2,18 @@
 
 Cheap checks first (missing, a directory, unreadable, 0 bytes, not an image format DALI decodes;
 with a pixel limit, the header's size), by a pool of reader threads one batch ahead of the decoder,
-then a real DALI CPU decode (DALI's own threads) in batches. DALI's decode errors do not name the
-file (``nvImageCodec failure: '#4'``) and leave the pipeline dead, so a failed batch is split in
-halves on a fresh one-thread pipeline until the culprits are single files. Good batches cost one
-decode; each bad file costs about log2(batch) extra runs.
+then a real DALI CPU decode (DALI's own threads) in batches, in a child process
+(``decode_worker``): DALI can crash on corrupt data and a failed DALI pipeline cannot be freed, so
+that process may die or grow, and is replaced. DALI's decode errors do not name the file
+(``nvImageCodec failure: '#4'``), so the files of a failed batch are decoded again one at a time.
+Good batches cost one decode; a failed batch costs one more decode per file.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
-import re
 import stat
-import sys
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from dali_ba.data.decode_worker import DecodeWorker, Failure
 from dali_ba.errors import UserError
-from dali_ba.pipeline import abandon_pipeline
 
 # 100 MP (10000x10000): in the loader ~1.5 GB and a few seconds of one core per such image.
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -89,109 +87,31 @@ def _cheap_check(path: str) -> tuple[str | None, np.ndarray | None]:
     return None, data
 
 
-@contextlib.contextmanager
-def _native_stderr_captured():
-    """Yield a list that receives what C++ code wrote to file descriptor 2 meanwhile.
-
-    DALI's codecs log every failed decode there (``[ERROR] [libjpeg_turbo_decoder] ... Premature end
-    of JPEG data``): while we bisect, those lines are expected noise, and the last one is often a
-    better reason than DALI's exception ("Failed to decode sample").
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    captured: list[str] = []
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield captured
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            captured.append(sink.read().decode(errors="replace"))
-
-
-def _codec_message(native_log: str) -> str | None:
-    """The last codec error line of ``native_log``, without colour codes and logger tags."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in native_log.splitlines() if "[ERROR]" in line]
-    if not lines:
-        return None
-    return re.sub(r"^(\s*\[[^\]]*\]\s*)+", "", lines[-1]).strip() or None
-
-
-def _dali_reason(exc: Exception, data: np.ndarray, native_log: str = "") -> str:
-    """The meaningful line of a DALI error (the first lines are 'Critical error in pipeline')."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if "encountered:" in lines:
-        lines = lines[lines.index("encountered:") + 1:]
-    lines = [line for line in lines if not line.startswith(("Current pipeline object",
-                                                            "Critical error in pipeline"))]
-    msg = lines[0] if lines else type(exc).__name__
-    # The sample index refers to the one-file batch we decoded: noise for the user.
-    msg = re.sub(r"\s*sample #\d+\s*:?\s*$", " sample", msg).rstrip(" :")
-    codec = _codec_message(native_log)
-    if codec:
-        msg = f"{msg}: {codec}"
+def _dali_reason(failure: Failure, data: np.ndarray) -> str:
+    """The reason shown for a file that failed alone: DALI's message (or how the decode process
+    ended) and what the file looks like."""
+    if failure.kind == "timeout":  # nothing says the file is broken: maybe just huge, or DALI hung
+        return failure.message
     kind = _sniff(data[:16].tobytes())
-    hint = f" (looks like {kind}: corrupt or truncated)" if kind else \
-        " (content is not a known image format)"
-    return f"DALI decode failed: {msg}{hint}"
+    hint = f" (looks like {kind}: corrupt or truncated)" if kind else " (content is not a known image format)"
+    return f"{'DALI decode failed: ' if failure.kind == 'error' else ''}{failure.message}{hint}"
 
 
-class _Decoder:
-    """A DALI CPU decode pipeline fed raw bytes, rebuilt after any error (DALI's are fatal)."""
-
-    def __init__(self, batch_size: int, num_threads: int):
-        self.batch_size, self.num_threads = batch_size, num_threads
-        self._pipe = None
-        self._bisector: _Decoder | None = None
-        self.native_log = ""
-
-    def _build(self):
-        from nvidia.dali import fn, pipeline_def, types
-
-        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=None,
-                      prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
-        def decode_pipe():
-            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-            return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
-
-        pipe = decode_pipe()
-        pipe.build()
-        return pipe
-
-    def decode(self, samples: list[np.ndarray]) -> None:
-        """Decode one batch (<= batch_size samples); raises DALI's error if any sample fails (what
-        DALI's codecs logged meanwhile is kept in ``native_log``, not shown)."""
-        if self._pipe is None:
-            self._pipe = self._build()
-        captured: list[str] = []
-        try:
-            with _native_stderr_captured() as captured:
-                self._pipe.feed_input("encoded", samples)
-                self._pipe.run()
-        except Exception:
-            # Dead after any error ("pipeline object is no longer valid"); destroying it can crash.
-            abandon_pipeline(self._pipe)
-            self._pipe = None
-            raise
-        finally:
-            self.native_log = "".join(captured)
-
-    def find_bad(self, items: list[tuple[str, np.ndarray]]) -> list[BadFile]:
-        """Decode ``items``; on failure bisect down to the failing files."""
-        try:
-            self.decode([data for _, data in items])
-            return []
-        except Exception as exc:  # DALI raises RuntimeError; anything else is also a failure
-            if len(items) == 1:
-                return [BadFile(items[0][0], _dali_reason(exc, items[0][1], self.native_log))]
-        if self._bisector is None:
-            # One thread: every failed pipeline is kept (see abandon_pipeline), and so its threads.
-            self._bisector = self if self.num_threads == 1 else _Decoder(self.batch_size, num_threads=1)
-        mid = len(items) // 2
-        # If both halves decode the batch failed for no single file's sake: nothing to name.
-        return self._bisector.find_bad(items[:mid]) + self._bisector.find_bad(items[mid:])
+def _find_bad(worker: DecodeWorker, items: list[tuple[str, np.ndarray]], batch_size: int,
+              num_threads: int) -> list[BadFile]:
+    """Decode ``items`` as one batch; if that fails, decode each file alone to name the failing ones
+    (DALI's batch error does not say which, and one file per failed pipeline bounds the leak)."""
+    if len(items) > 1 and worker.decode([data for _, data in items], batch_size, num_threads) is None:
+        return []
+    bad = []
+    for path, data in items:
+        failure = worker.decode([data], 1, 1)
+        if failure is not None and failure.kind == "crash":  # DALI's bad luck or a kill from outside: once more
+            failure = worker.decode([data], 1, 1)
+        if failure is not None:
+            bad.append(BadFile(path, _dali_reason(failure, data)))
+    # If the batch failed but every file decodes alone, there is nothing to name.
+    return bad
 
 
 @dataclass(frozen=True)
@@ -235,8 +155,9 @@ def image_pixels(data: np.ndarray) -> tuple[int, str] | None:
 def verify_files(paths: Sequence[str], num_threads: int = 2, batch_size: int = 64, progress: bool = True,
                  max_pixels: int = 0) -> VerifyReport:
     """Check every file: read it (``num_threads`` reader threads, a batch ahead of the decoder),
-    then decode it with DALI (``num_threads`` DALI threads). With ``max_pixels`` > 0 a file whose
-    header says it has more pixels is reported as large and not decoded."""
+    then decode it with DALI (``num_threads`` DALI threads) in a child process, never in this one.
+    With ``max_pixels`` > 0 a file whose header says it has more pixels is reported as large and
+    not decoded."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
@@ -250,11 +171,12 @@ def verify_files(paths: Sequence[str], num_threads: int = 2, batch_size: int = 6
         size = image_pixels(data) if data is not None and max_pixels > 0 else None
         return path, reason, data, size
 
-    decoder = _Decoder(batch_size, num_threads)
+    worker: DecodeWorker | None = None  # started at the first file that needs DALI
     bad: list[BadFile] = []
     large: list[BadFile] = []
     chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
-    with ThreadPoolExecutor(num_threads, thread_name_prefix="verify-read") as pool, \
+    with contextlib.ExitStack() as stack, \
+            ThreadPoolExecutor(num_threads, thread_name_prefix="verify-read") as pool, \
             tqdm(total=len(paths), desc="verify", unit="img", disable=None if progress else True) as bar:
         ahead = [pool.submit(read, p) for p in chunks[0]] if chunks else []
         for k in range(len(chunks)):
@@ -270,7 +192,9 @@ def verify_files(paths: Sequence[str], num_threads: int = 2, batch_size: int = 6
                 else:
                     pending.append((path, data))
             if pending:
-                bad.extend(decoder.find_bad(pending))
+                if worker is None:
+                    worker = stack.enter_context(DecodeWorker())
+                bad.extend(_find_bad(worker, pending, batch_size, num_threads))
             bar.update(len(results))
     order = {p: i for i, p in enumerate(paths)}
     return VerifyReport(sorted(bad, key=lambda b: order[b.path]), sorted(large, key=lambda b: order[b.path]))
