@@ -64,11 +64,10 @@ def test_gpu_dtype_channels_last_and_layout(image_folder, dtype, channels_last, 
     assert images.is_cuda and images.dtype == getattr(torch, dtype) and torch.isfinite(images.float()).all()
     if layout == "flat":
         assert images.shape == (8, 3, 32, 32) and torch.equal(labels, labels[::2].repeat_interleave(2))
-        four_d = images
-    else:
+        assert images.is_contiguous(memory_format=torch.channels_last) == channels_last
+    else:  # [B, M, C, H, W]: channels-last means the channel dimension is the innermost one
         assert images.shape == (4, 2, 3, 32, 32) and labels.shape == (4,)
-        four_d = images[:, 0]
-    assert four_d.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert (images.stride(2) == 1) == channels_last
 
 
 def test_gpu_trivial_augment_and_colour_jitter_per_view(image_folder):
