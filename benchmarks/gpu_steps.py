@@ -22,6 +22,8 @@ RECIPE = "pipelines/imagenet-resnet50-ba4.yaml"
 THREADS = 8  # DALI threads per GPU, as the ImageNet recipe
 MIN_GPU_TESTS = 12
 TRAIN_STEPS, KILL_AFTER, CHECKPOINT_EVERY = 150, 80, 50
+# The recipe's per-GPU batch of its 8-GPU run (B=32, M·B=128), not its global batch on one GPU (B=256).
+ONE_GPU = ("data.global_batch_size=0", "data.batch_size=32")
 
 
 def last_json(text: str) -> dict:
@@ -130,14 +132,14 @@ def train_argv(ctx: Context, views: int) -> List[str]:
     return [ctx.python, "-m", "benchmarks.cli", "train", "--config", RECIPE, "--steps", "20", "--warmup", "8",
             "--rounds", "1", "--json", str(ctx.work / f"train-m{views}.json"), f"data.train_root={ctx.data / 'train'}",
             f"data.val_root={ctx.data / 'val'}", f"data.num_views={views}", f"data.num_threads={THREADS}",
-            "train.amp=bf16", "train.channels_last=true", "diagnostics.every=0"]
+            *ONE_GPU, "train.amp=bf16", "train.channels_last=true", "diagnostics.every=0"]
 
 
 def torchrun_argv(ctx: Context, out: Path) -> List[str]:
     """The trainer under torchrun; ``ctx.options["train_overrides"]`` come last (a CPU test's tiny run)."""
     return [ctx.python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "trainers.train",
             "--config", str(ctx.options.get("recipe", RECIPE)), f"data.train_root={ctx.data / 'train'}",
-            f"data.val_root={ctx.data / 'val'}", f"data.num_threads={THREADS}", f"train.out_dir={out}",
+            f"data.val_root={ctx.data / 'val'}", f"data.num_threads={THREADS}", *ONE_GPU, f"train.out_dir={out}",
             "train.resume=auto", f"train.max_steps={TRAIN_STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}",
             "train.log_every=10", "diagnostics.every=0", "eval.batch_size=64",
             *ctx.options.get("train_overrides", [])]

@@ -198,6 +198,7 @@ def test_the_child_commands_parse_with_the_real_parsers(tmp_path):
         cfg = load_config(ROOT / args.config, args.overrides)
         assert (cfg.data.num_views, cfg.train.amp, cfg.train.channels_last, cfg.model.arch) == (
             views, "bf16", True, "resnet50")
+        assert (cfg.data.batch_size, cfg.data.global_batch_size) == (32, 0)
     for hints in ("off", "on"):
         argv = after_module(gpu_steps.probe_argv(ctx, hints), "benchmarks.gpu_probe")
         assert argv[0] == "memory" and argv[argv.index("--hints") + 1] == hints
@@ -206,6 +207,7 @@ def test_the_child_commands_parse_with_the_real_parsers(tmp_path):
     args = trainer_parser().parse_args(after_module(gpu_steps.torchrun_argv(ctx, tmp_path / "run"), "trainers.train"))
     cfg = load_config(ROOT / args.config, args.overrides)
     assert (cfg.train.max_steps, cfg.train.checkpoint_every, cfg.train.resume) == (150, 50, "auto")
+    assert (cfg.data.batch_size, cfg.data.global_batch_size) == (32, 0)
 
 
 @pytest.mark.slow
@@ -219,7 +221,8 @@ def test_the_torchrun_step_stops_and_resumes_a_real_run_on_the_cpu(tmp_path):
     ctx = _context(tmp_path, 240)
     ctx.data = data
     ctx.options.update(recipe=str(recipe), kill_signal="TERM",
-                       train_overrides=["data.num_threads=1", "train.eval_every=100", "train.epochs=30"])
+                       train_overrides=["data.num_threads=1", "data.batch_size=8", "train.eval_every=100",
+                                        "train.epochs=30"])
     result = gpu_steps._torchrun(ctx)
     assert result["signalled_after_step"] >= gpu_steps.KILL_AFTER
     assert result["resumed_at"] == result["checkpoint_step"] >= gpu_steps.KILL_AFTER
