@@ -64,13 +64,14 @@ def descendants(pid: int) -> List[int]:
 
 
 def _data(ctx: Context) -> dict:
-    train, val = ctx.data / "train", ctx.data / "val"
     images, classes = int(ctx.options["images"]), 20
-    if train.is_dir() and val.is_dir():
-        return {"summary": f"reused {ctx.data}", "reused": True}
     val_images = max(classes, images // 10)
+    done = ctx.data / f".complete-{images}-{val_images}"  # written last: a killed generation is not reused
+    if done.exists():
+        return {"summary": f"reused {ctx.data}", "reused": True}
     ctx.run([ctx.python, "-m", "dali_ba.cli", "data", "synth", str(ctx.data), "--images", str(images),
              "--classes", str(classes), "--val-images", str(val_images), "--overwrite"], "data")
+    done.touch()
     return {"summary": f"{images} train + {val_images} val JPEGs (~500x375) in {ctx.data}", "images": images,
             "val_images": val_images}
 
