@@ -21,7 +21,7 @@ STEP_NAMES = ("data", "tests", "probe", "loader", "train", "torchrun")
 RECIPE = "pipelines/imagenet-resnet50-ba4.yaml"
 THREADS = 8  # DALI threads per GPU, as the ImageNet recipe
 MIN_GPU_TESTS = 12
-TRAIN_STEPS, KILL_AFTER, CHECKPOINT_EVERY = 150, 80, 50
+TRAIN_STEPS, KILL_AFTER, CHECKPOINT_EVERY = 150, 60, 50
 # The recipe's per-GPU batch of its 8-GPU run (B=32, M·B=128), not its global batch on one GPU (B=256).
 ONE_GPU = ("data.global_batch_size=0", "data.batch_size=32")
 
@@ -215,7 +215,7 @@ def _torchrun(ctx: Context) -> dict:
     metrics, seen = out / "metrics.jsonl", 0
     while first.poll() is None and seen < KILL_AFTER and ctx.left() > 0:
         seen = max([r["step"] for r in _metrics(metrics) if r.get("kind") == "train"] or [0])
-        time.sleep(0.2)
+        time.sleep(0.1)
     if first.poll() is not None:
         raise StepFailed(f"the first run ended (exit {first.returncode}) before step {KILL_AFTER} "
                          f"(log: {ctx.work / 'torchrun-first.log'})")
@@ -241,6 +241,8 @@ def _torchrun(ctx: Context) -> dict:
     preempted = (out / "PREEMPTED").read_text().strip() if (out / "PREEMPTED").exists() else None
     result = {"signal": sig.name, "signalled_after_step": seen, "checkpoint_step": saved, "preempted": preempted,
               "first_exit": first.returncode}
+    if saved >= TRAIN_STEPS:
+        raise StepFailed(f"the first run reached step {saved} before SIG{sig.name[3:]} took effect", result)
     if sig == signal.SIGTERM and (preempted is None or not preempted.endswith(f"at step {saved}; resume with "
                                                                                  "train.resume=auto")):
         raise StepFailed(f"SIGTERM: expected a PREEMPTED marker for step {saved}, found {preempted!r}", result)

@@ -211,18 +211,21 @@ def test_the_child_commands_parse_with_the_real_parsers(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_torchrun_step_stops_and_resumes_a_real_run_on_the_cpu(tmp_path):
+def test_the_torchrun_step_stops_and_resumes_a_real_run_on_the_cpu(tmp_path, monkeypatch):
     """The torchrun step's own logic (watch, signal torchrun, check the checkpoint, resume, check
-    the continuation) on a tiny CPU run: gloo instead of NCCL, smallnet instead of ResNet-50."""
+    the continuation) on a tiny CPU run: gloo instead of NCCL, smallnet instead of ResNet-50, and
+    1,000 steps (a few ms each) so that the signal lands well before the end."""
     from conftest import tiny, write_trainer_data, write_yaml
+
+    monkeypatch.setattr(gpu_steps, "TRAIN_STEPS", 1000)
 
     data = write_trainer_data(tmp_path / "data")
     recipe = write_yaml(tiny(data, tmp_path / "unused"), tmp_path / "tiny.yaml")
     ctx = _context(tmp_path, 240)
     ctx.data = data
     ctx.options.update(recipe=str(recipe), kill_signal="TERM",
-                       train_overrides=["data.num_threads=1", "data.batch_size=8", "train.eval_every=100",
-                                        "train.epochs=30"])
+                       train_overrides=["data.num_threads=1", "data.batch_size=8", "train.eval_every=500",
+                                        "train.epochs=130"])
     result = gpu_steps._torchrun(ctx)
     assert result["signalled_after_step"] >= gpu_steps.KILL_AFTER
     assert result["resumed_at"] == result["checkpoint_step"] >= gpu_steps.KILL_AFTER
