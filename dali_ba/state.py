@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from dali_ba.errors import LoaderStateError
+from dali_ba.options import GRAPH_DEFAULTS
 
 STATE_VERSION = 1
 MUST_MATCH = ("seed", "batch_size", "num_views", "shard_id", "num_shards")
@@ -36,7 +37,8 @@ def check_state(state: dict, mine: dict, steps: int) -> None:
     differ = [f"{k}: saved {state.get(k)!r}, now {mine[k]!r}" for k in MUST_MATCH if state.get(k) != mine[k]]
     if differ:
         raise LoaderStateError("the loader state does not match this loader (" + "; ".join(differ) + ")")
-    saved, now = state.get("graph") or {}, mine["graph"]
+    # A setting the state lacks was saved before that option existed, so with its default (off).
+    saved, now = {**GRAPH_DEFAULTS, **(state.get("graph") or {})}, mine["graph"]
     graph = [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in now if saved.get(k) != now[k]]
     if graph:
         raise LoaderStateError("the loader state was saved by a pipeline with other decode or augmentation settings, "
