@@ -35,6 +35,8 @@ antialiasing filter: less CPU, but downscaled crops alias (an explicit approxima
 from __future__ import annotations
 
 import math
+import warnings
+from contextlib import contextmanager
 
 from dali_ba.options import PipelineOptions
 
@@ -79,21 +81,35 @@ def extras(images, spec: PipelineOptions):
             contrast=fn.random.uniform(range=(max(0.0, 1 - j), 1 + j)),
             saturation=fn.random.uniform(range=(max(0.0, 1 - j), 1 + j)),
         )
+    if not spec.needs_conditionals:
+        return images
+    from nvidia.dali.auto_aug import auto_augment, rand_augment, trivial_augment
+
     shape = (spec.image_size, spec.image_size)
-    if spec.trivial_augment:
-        from nvidia.dali.auto_aug import trivial_augment
+    with _without_dalis_own_deprecations():
+        if spec.trivial_augment:
+            return trivial_augment.trivial_augment_wide(images, shape=shape)
+        if spec.rand_augment:
+            n, m = spec.rand_augment
+            return rand_augment.rand_augment(images, n=n, m=m, shape=shape)
+        return auto_augment.auto_augment_image_net(images, shape=shape)
 
-        images = trivial_augment.trivial_augment_wide(images, shape=shape)
-    if spec.rand_augment:
-        from nvidia.dali.auto_aug import rand_augment
 
-        n, m = spec.rand_augment
-        images = rand_augment.rand_augment(images, n=n, m=m, shape=shape)
-    if spec.auto_augment:
-        from nvidia.dali.auto_aug import auto_augment
+@contextmanager
+def _without_dalis_own_deprecations():
+    """nvidia.dali.auto_aug builds ops DALI 2.4 itself deprecated (``fn.experimental.equalize``…) and
+    DALI forces those warnings on, two per view at every graph build: keep them off the console."""
+    shown = warnings.showwarning
 
-        images = auto_augment.auto_augment_image_net(images, shape=shape)
-    return images
+    def show(message, category, *args, **kwargs):
+        if not (issubclass(category, DeprecationWarning) and "nvidia.dali.fn.experimental." in str(message)):
+            shown(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 def _cutout(view, spec: PipelineOptions):
