@@ -159,6 +159,46 @@ def test_variants_give_the_same_output(tmp_path, variant, views):
         assert colours[nearest] == int(label)
 
 
+def _plain_views(images: torch.Tensor, colours: dict) -> list:
+    """For each view: flat, and one of the folder's colours (what every crop and flip of it is)."""
+    from benchmarks.variants import MEAN, STD
+
+    pixels = images * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+    plain = []
+    for view in pixels:
+        rgb = (view.mean(dim=(1, 2)) * 255).tolist()
+        flat = float((view * 255 - torch.tensor(rgb).view(3, 1, 1)).abs().max()) < 3
+        plain.append(flat and any(max(abs(x - y) for x, y in zip(c, rgb)) < 3 for c in colours))
+    return plain
+
+
+@pytest.mark.parametrize("variant", ["dali-fused-cutout", "dali-fused-erase", "dali-fused-randaug",
+                                     "dali-fused-autoaug", "dali-fused-trivial"])
+def test_option_variants_are_the_fused_loader_with_their_option_on(tmp_path, variant):
+    """The cost variants: the same batch shape and labels as dali-fused, and the option visibly at
+    work (the fused loader's views of flat-colour images are all flat, in the images' colours)."""
+    from benchmarks.loader_bench import Case, LoaderBenchSettings
+    from benchmarks.variants import start
+
+    colours = _flat_colour_folder(tmp_path)
+    s = LoaderBenchSettings(root=str(tmp_path), batch_size=4, threads=1, image_size=20, device="cpu")
+    plain, changed = [], []
+    for name, out in (("dali-fused", plain), (variant, changed)):
+        source = start(s, Case(name, 3))
+        try:
+            for _ in range(3):
+                images, labels = source.next_batch()
+                assert images.shape == (12, 3, 20, 20) and images.dtype == torch.float32
+                assert torch.equal(labels, labels[::3].repeat_interleave(3))
+                out.extend(_plain_views(images, colours))
+        finally:
+            source.close()
+    assert all(plain)
+    assert not all(changed), variant
+    if variant == "dali-fused-cutout":  # a hole of half the side in every view
+        assert not any(changed)
+
+
 def test_process_tree_cpu_counts_live_children():
     from benchmarks.loader_bench import process_tree_cpu_seconds
 
