@@ -123,3 +123,55 @@ def summarise(rows: List[dict], b: int, m: int, cfg) -> dict:
         "amp": cfg.train.amp,
         "channels_last": cfg.train.channels_last,
     }
+
+
+def run_step_comparison(cfg, variants: List[Tuple[str, object]], steps: int, warmup: int, rounds: int,
+                        log: Callable[[str], None] = print) -> Tuple[dict, List[dict]]:
+    """The trainer's step on one synthetic batch (no loader), for ``cfg`` (``base``) and each
+    ``(name, config)`` of ``variants`` (e.g. mixup/CutMix, an EMA), interleaved in every round in
+    one process, so a busy machine slows all alike. (summary: median seconds per step and the
+    ratio to ``base``; rows: one per variant and round)."""
+    import torch
+
+    from dali_ba.loader import BatchAugmentLoader
+    from trainers import dist as tdist
+    from trainers.engine import build_engine
+    from trainers.host_memory import keep_freed_host_memory
+
+    keep_freed_host_memory()
+    env = tdist.setup(cfg.train.dist_timeout_s)
+    classes = cfg.model.num_classes or len(BatchAugmentLoader.from_config(cfg.data).classes)  # (no pipeline built)
+    b, m, size = cfg.data.batch_size, cfg.data.num_views, cfg.data.image_size
+    engines = {}
+    for name, variant in [("base", cfg), *variants]:
+        torch.manual_seed(variant.train.seed)
+        engines[name] = build_engine(variant, env, classes)
+        engines[name].model.train()
+    fmt = engines["base"].memory_format
+    images = torch.randn(b * m, 3, size, size, device=env.device).contiguous(memory_format=fmt)
+    labels = torch.randint(0, classes, (b * m,), device=env.device)
+    rows: List[dict] = []
+    for r in range(rounds):
+        order = list(engines)[r % len(engines):] + list(engines)[:r % len(engines)]
+        for name in order:
+            engine = engines[name]
+            for i in range(warmup + steps):
+                if i == warmup:
+                    _sync(env.device)
+                    t0 = time.perf_counter()
+                engine.step(images, labels, 1e-3, i)
+            _sync(env.device)
+            per_step = (time.perf_counter() - t0) / steps
+            rows.append({"round": r, "variant": name, "steps": steps, "step_s": per_step})
+            log(f"round {r + 1}/{rounds} {name:<8}: {per_step * 1e3:.1f} ms per step")
+    tdist.shutdown(env)
+
+    def median(values: List[float]) -> float:
+        values = sorted(values)
+        return 0.5 * (values[(len(values) - 1) // 2] + values[len(values) // 2])
+
+    base = median([x["step_s"] for x in rows if x["variant"] == "base"])
+    summary = {name: {"step_s": median([x["step_s"] for x in rows if x["variant"] == name]),
+                      "vs_base": median([x["step_s"] for x in rows if x["variant"] == name]) / base}
+               for name in engines}
+    return summary, rows

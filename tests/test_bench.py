@@ -390,3 +390,32 @@ def test_cli_train_writes_its_record(tmp_path, image_folder):
     summary = record["summary"]
     assert summary["real_samples_per_s"] == pytest.approx(3 * summary["real_images_per_s"])
     assert [r["phase"] for r in record["rounds"]] == ["real", "synthetic"]
+
+
+def test_cli_train_compare_times_each_variant_in_every_round(tmp_path, image_folder, capsys, monkeypatch):
+    """--compare: the base step and each variant's (here mixup + CutMix, an EMA) on synthetic tensors,
+    interleaved per round, with a ratio to base; the variants really are built with their overrides."""
+    from benchmarks.cli import main
+    from trainers.engine import Engine
+
+    built = []
+    original = Engine.step
+
+    def step(self, *args):
+        built.append((self.mixer is not None, self.ema is not None))
+        return original(self, *args)
+
+    out = tmp_path / "compare.json"
+    monkeypatch.setattr(Engine, "step", step)
+    assert main(["train", "--config", str(_tiny_config(tmp_path, image_folder)), "--steps", "2", "--warmup", "1",
+                 "--rounds", "2", "--json", str(out), "--compare", "mix:train.mixup=0.2,train.cutmix=1.0",
+                 "--compare", "ema:train.ema_decay=0.99"]) == 0
+    assert sorted(set(built)) == [(False, False), (False, True), (True, False)]
+    assert len(built) == 3 * 2 * (1 + 2)
+    table = capsys.readouterr().out
+    assert "| mix | train.mixup=0.2,train.cutmix=1.0 |" in table and "| ema | train.ema_decay=0.99 |" in table
+    record = json.loads(out.read_text())
+    assert record["kind"] == "train-options" and record["summary"]["base"]["vs_base"] == 1.0
+    assert [(r["round"], r["variant"]) for r in record["rounds"]] == [
+        (0, "base"), (0, "mix"), (0, "ema"), (1, "mix"), (1, "ema"), (1, "base")]
+    assert main(["train", "--config", str(_tiny_config(tmp_path, image_folder)), "--compare", "train.mixup=0.2"]) == 2
