@@ -240,10 +240,12 @@ def _run_step_comparison(args: argparse.Namespace, cfg, warmup: int) -> int:
     record = new_record("train-options")
     summary, rows = run_step_comparison(cfg, variants, args.steps, warmup, args.rounds,
                                         log=lambda line: print(line, file=sys.stderr, flush=True))
-    print("| variant | overrides | ms per step (median) | ÷ base |\n|---|---|---:|---:|")
+    print("| variant | overrides | ms per step (median) | ÷ base | CPU ms per step | ÷ base |\n"
+          "|---|---|---:|---:|---:|---:|")
     for name, item in [("base", "base:"), *zip([n for n, _ in variants], args.compare)]:
         s = summary[name]
-        print(f"| {name} | {item.partition(':')[2] or '–'} | {s['step_s'] * 1e3:.1f} | {s['vs_base']:.3f} |")
+        print(f"| {name} | {item.partition(':')[2] or '–'} | {s['step_s'] * 1e3:.1f} | {s['step_s_vs_base']:.3f} | "
+              f"{s['cpu_s'] * 1e3:.1f} | {s['cpu_s_vs_base']:.3f} |")
     if args.json:
         record.update(config=asdict(cfg), compare=args.compare, summary=summary, rounds=rows, warmup=warmup)
         write_record(args.json, record)

@@ -129,8 +129,8 @@ def run_step_comparison(cfg, variants: List[Tuple[str, object]], steps: int, war
                         log: Callable[[str], None] = print) -> Tuple[dict, List[dict]]:
     """The trainer's step on one synthetic batch (no loader), for ``cfg`` (``base``) and each
     ``(name, config)`` of ``variants`` (e.g. mixup/CutMix, an EMA), interleaved in every round in
-    one process, so a busy machine slows all alike. (summary: median seconds per step and the
-    ratio to ``base``; rows: one per variant and round)."""
+    one process, so a busy machine slows all alike. (summary: median wall and CPU seconds per step
+    and their ratios to ``base``; rows: one per variant and round)."""
     import torch
 
     from dali_ba.loader import BatchAugmentLoader
@@ -158,20 +158,20 @@ def run_step_comparison(cfg, variants: List[Tuple[str, object]], steps: int, war
             for i in range(warmup + steps):
                 if i == warmup:
                     _sync(env.device)
-                    t0 = time.perf_counter()
+                    t0, cpu0 = time.perf_counter(), time.process_time()
                 engine.step(images, labels, 1e-3, i)
             _sync(env.device)
-            per_step = (time.perf_counter() - t0) / steps
-            rows.append({"round": r, "variant": name, "steps": steps, "step_s": per_step})
-            log(f"round {r + 1}/{rounds} {name:<8}: {per_step * 1e3:.1f} ms per step")
+            per_step, cpu = (time.perf_counter() - t0) / steps, (time.process_time() - cpu0) / steps
+            rows.append({"round": r, "variant": name, "steps": steps, "step_s": per_step, "cpu_s": cpu})
+            log(f"round {r + 1}/{rounds} {name:<8}: {per_step * 1e3:.1f} ms per step, {cpu * 1e3:.1f} CPU ms")
     tdist.shutdown(env)
 
     def median(values: List[float]) -> float:
         values = sorted(values)
         return 0.5 * (values[(len(values) - 1) // 2] + values[len(values) // 2])
 
-    base = median([x["step_s"] for x in rows if x["variant"] == "base"])
-    summary = {name: {"step_s": median([x["step_s"] for x in rows if x["variant"] == name]),
-                      "vs_base": median([x["step_s"] for x in rows if x["variant"] == name]) / base}
-               for name in engines}
+    keys = ("step_s", "cpu_s")  # wall clock, and CPU seconds of the process (steadier on a busy machine)
+    medians = {name: {k: median([x[k] for x in rows if x["variant"] == name]) for k in keys} for name in engines}
+    summary = {name: {**values, **{f"{k}_vs_base": values[k] / medians["base"][k] for k in keys}}
+               for name, values in medians.items()}
     return summary, rows

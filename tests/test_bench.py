@@ -415,7 +415,8 @@ def test_cli_train_compare_times_each_variant_in_every_round(tmp_path, image_fol
     table = capsys.readouterr().out
     assert "| mix | train.mixup=0.2,train.cutmix=1.0 |" in table and "| ema | train.ema_decay=0.99 |" in table
     record = json.loads(out.read_text())
-    assert record["kind"] == "train-options" and record["summary"]["base"]["vs_base"] == 1.0
+    assert record["kind"] == "train-options" and record["summary"]["base"]["step_s_vs_base"] == 1.0
+    assert all(r["step_s"] > 0 and r["cpu_s"] > 0 for r in record["rounds"])
     assert [(r["round"], r["variant"]) for r in record["rounds"]] == [
         (0, "base"), (0, "mix"), (0, "ema"), (1, "mix"), (1, "ema"), (1, "base")]
     assert main(["train", "--config", str(_tiny_config(tmp_path, image_folder)), "--compare", "train.mixup=0.2"]) == 2
