@@ -135,11 +135,14 @@ def run_step_comparison(cfg, variants: List[Tuple[str, object]], steps: int, war
 
     from dali_ba.loader import BatchAugmentLoader
     from trainers import dist as tdist
+    from trainers.config import for_world
     from trainers.engine import build_engine
     from trainers.host_memory import keep_freed_host_memory
 
     keep_freed_host_memory()
     env = tdist.setup(cfg.train.dist_timeout_s)
+    cfg = for_world(cfg, env.world)  # data.global_batch_size → this world's B, as the trainer does
+    variants = [(name, for_world(variant, env.world)) for name, variant in variants]
     classes = cfg.model.num_classes or len(BatchAugmentLoader.from_config(cfg.data).classes)  # (no pipeline built)
     b, m, size = cfg.data.batch_size, cfg.data.num_views, cfg.data.image_size
     engines = {}
