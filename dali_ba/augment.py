@@ -24,8 +24,9 @@ Per-view extras, each drawn independently for every view (both recipes, CPU and 
   batch-augmentation authors use and timm's ``RandomErasing(mode="const")``: ``cutout``: holes of
   ``cutout`` pixels centred uniformly on the image and clipped at its border (DeVries & Taylor);
   ``random_erase``: with that probability one rectangle of area ``[0.02, 1/3]`` of the image and
-  log-uniform aspect ``[0.3, 1/0.3]`` (timm's defaults), placed where it fits. timm redraws a
-  rectangle that does not fit; here it is clipped to the image side (a rare draw, under 1%).
+  log-uniform aspect ``[0.3, 1/0.3]`` (timm's defaults), placed where it fits. timm redraws (up
+  to 10 times) a rectangle as large as the image; here it is clipped to the image side (about 0.5%
+  of the draws).
 Occlusions are training regularisers: test-time views (``EvalLoader(views=k)``) leave them out.
 
 The functions read the recipe's settings from ``spec``, the loader's options
