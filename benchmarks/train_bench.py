@@ -17,6 +17,7 @@ CPU-only run); ``compute_slowdown`` (real step time without the wait ÷ syntheti
 from __future__ import annotations
 
 import time
+from statistics import median
 from typing import Callable, List, Tuple
 
 
@@ -168,11 +169,6 @@ def run_step_comparison(cfg, variants: List[Tuple[str, object]], steps: int, war
             rows.append({"round": r, "variant": name, "steps": steps, "step_s": per_step, "cpu_s": cpu})
             log(f"round {r + 1}/{rounds} {name:<8}: {per_step * 1e3:.1f} ms per step, {cpu * 1e3:.1f} CPU ms")
     tdist.shutdown(env)
-
-    def median(values: List[float]) -> float:
-        values = sorted(values)
-        return 0.5 * (values[(len(values) - 1) // 2] + values[len(values) // 2])
-
     keys = ("step_s", "cpu_s")  # wall clock, and CPU seconds of the process (steadier on a busy machine)
     medians = {name: {k: median([x[k] for x in rows if x["variant"] == name]) for k in keys} for name in engines}
     summary = {name: {**values, **{f"{k}_vs_base": values[k] / medians["base"][k] for k in keys}}

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from dali_ba.config import config_to_dict
 from dali_ba.errors import ConfigError
+from trainers import checkpoint as ckpt
 from trainers.config import load_config
 from trainers.models import build_model
 from trainers.optim import param_groups
@@ -17,15 +18,9 @@ from trainers.schedule import build_schedule
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def differences(a: Path, b: Path) -> set:
-    x, y = _flat(config_to_dict(load_config(a))), _flat(config_to_dict(load_config(b)))
+    """The dotted keys whose values differ between two recipes."""
+    x, y = ckpt._flatten(config_to_dict(load_config(a))), ckpt._flatten(config_to_dict(load_config(b)))
     return {k for k in x if x[k] != y[k]}
 
 
