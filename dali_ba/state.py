@@ -55,6 +55,9 @@ def inexact(state: dict, mine: dict) -> Optional[Tuple[str, bool]]:
         return f"the training set changed ({state['num_files']} files then, {mine['num_files']} now)", False
     if state["dali_version"] != mine["dali_version"]:
         return f"saved with DALI {state['dali_version']}, now {mine['dali_version']}", True
+    graph = state.get("graph") or {}
+    if graph.get("trivial_augment") and "rand_augment" not in graph:  # saved before the per-view options
+        return "saved by an older dali-ba whose TrivialAugment graph differs (absolute translations)", True
     return None
 
 

@@ -192,6 +192,20 @@ def test_a_state_saved_with_other_augmentation_settings_is_refused(image_folder)
         BatchAugmentLoader(image_folder, random_erase=0.5, **small).load_state_dict(old)
 
 
+def test_a_trivial_augment_state_from_before_the_options_resumes_with_fresh_draws(image_folder):
+    """Its DALI checkpoint belongs to another TrivialAugment graph: the same batches, fresh draws."""
+    small = dict(batch_size=4, num_views=2, image_size=24, num_threads=1, device="cpu", trivial_augment=True)
+    loader = BatchAugmentLoader(image_folder, **small)
+    next(iter(loader))
+    old = loader.state_dict()
+    for name in ("cutout", "cutout_holes", "rand_augment", "auto_augment", "random_erase"):
+        del old["graph"][name]
+    resumed = BatchAugmentLoader(image_folder, **small).resume(old)
+    assert not resumed.exact and "TrivialAugment graph differs" in resumed.message
+    with pytest.raises(LoaderStateError, match="cannot resume exactly"):
+        BatchAugmentLoader(image_folder, **small).load_state_dict(old)
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(trivial_augment=True, rand_augment=[2, 9]), "rand_augment: at most one of trivial_augment, rand_augment, "
                                                       "auto_augment may be on; got trivial_augment and rand_augment"),
