@@ -8,6 +8,8 @@
   a list: a sweep) and the defaults warm up and time longer.
 - ``dali-ba bench train --config X --steps N``: the trainer's step with the real pipeline versus
   synthetic tensors already on the device, and the data-wait fraction (``train_bench``).
+  ``--compare NAME:KEY=VALUE,…`` (repeatable) instead times the step on synthetic tensors with
+  and without those overrides (mixup, an EMA, …), interleaved in one process.
 """
 from __future__ import annotations
 
@@ -87,6 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--min-seconds", type=float, default=0.0, help="time each phase for at least this long")
     train.add_argument("--rounds", type=int, default=2, help="alternating real/synthetic rounds")
     train.add_argument("--json", default=None, help="write the results here")
+    train.add_argument("--compare", action="append", default=None, metavar="NAME:KEY=VALUE,…",
+                       help="instead: the step on synthetic tensors with and without these overrides (repeatable, "
+                            "e.g. mix:train.mixup=0.2,train.cutmix=1.0), interleaved in one process")
     train.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. data.num_views=2)")
     train.set_defaults(_bench=run_train)
 
@@ -202,6 +207,8 @@ def run_train(args: argparse.Namespace) -> int:
     from dali_ba.pipeline import resolve_device
 
     warmup = args.warmup if args.warmup is not None else (20 if resolve_device(cfg.data.device) == "cuda" else 3)
+    if args.compare:
+        return _run_step_comparison(args, cfg, warmup)
     record = new_record("train")
     summary, rows = run_train_bench(cfg, args.steps, warmup, args.rounds, args.min_seconds,
                                     log=lambda line: print(line, file=sys.stderr, flush=True))
@@ -214,6 +221,33 @@ def run_train(args: argparse.Namespace) -> int:
           f"B={s['batch_size']}, M={s['num_views']}, amp {s['amp']}, DALI threads {cfg.data.num_threads}")
     if args.json:
         record.update(config=asdict(cfg), summary=summary, rounds=rows, warmup=warmup)
+        write_record(args.json, record)
+    return 0
+
+
+def _run_step_comparison(args: argparse.Namespace, cfg, warmup: int) -> int:
+    from dataclasses import asdict
+
+    from benchmarks.train_bench import run_step_comparison
+    from trainers.config import load_config
+
+    variants = []
+    for item in args.compare:
+        name, sep, overrides = item.partition(":")
+        if not sep or not name or name == "base" or not overrides:
+            raise UserError(f"--compare: expected NAME:KEY=VALUE[,KEY=VALUE…] (NAME not 'base'); got {item!r}")
+        variants.append((name, load_config(args.config, [*args.overrides, *overrides.split(",")])))
+    record = new_record("train-options")
+    summary, rows = run_step_comparison(cfg, variants, args.steps, warmup, args.rounds,
+                                        log=lambda line: print(line, file=sys.stderr, flush=True))
+    print("| variant | overrides | ms per step (median) | ÷ base | CPU ms per step | ÷ base |\n"
+          "|---|---|---:|---:|---:|---:|")
+    for name, item in [("base", "base:"), *zip([n for n, _ in variants], args.compare)]:
+        s = summary[name]
+        print(f"| {name} | {item.partition(':')[2] or '–'} | {s['step_s'] * 1e3:.1f} | {s['step_s_vs_base']:.3f} | "
+              f"{s['cpu_s'] * 1e3:.1f} | {s['cpu_s_vs_base']:.3f} |")
+    if args.json:
+        record.update(config=asdict(cfg), compare=args.compare, summary=summary, rounds=rows, warmup=warmup)
         write_record(args.json, record)
     return 0
 

@@ -16,6 +16,11 @@ random-resized crops (area 0.08–1, aspect 3/4–4/3) + horizontal flips, label
 - ``dali-fused-noaa``: ``dali-fused`` with ``antialias=False`` (an explicit approximation).
 - ``dali-packed``, ``dali-packed-s3``: ``dali-fused`` reading the same images packed
   (``dali-ba data pack``) from a local folder or an ``s3://`` URL (``--packed``, ``--packed-s3``).
+- ``dali-fused-<option>``: ``dali-fused`` with one per-view option on, at the recipes' setting
+  (``option_variants``): ``cutout`` (one hole of half the image side, the paper's 16/32),
+  ``erase`` (``random_erase=0.25``), ``randaug`` (``rand_augment=[2, 9]``), ``autoaug``
+  (``auto_augment``), ``trivial`` (``trivial_augment``): what each option costs, against
+  ``dali-fused`` measured in the same rounds. They no longer produce the plain output.
 - ``torchvision``: ``ImageFolder`` (PIL decode, EXIF orientation applied) + the torchvision v2
   transform applied M times to the decoded image, in a ``DataLoader`` with ``T`` workers.
 
@@ -35,8 +40,18 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 VARIANTS = ("dali-fused", "dali-naive", "torchvision")  # the default set
+
+
+def option_variants(image_size: int) -> Dict[str, Dict[str, object]]:
+    """``dali-fused`` with one per-view option on: variant name → BatchAugmentLoader keywords."""
+    return {"dali-fused-cutout": {"cutout": image_size // 2}, "dali-fused-erase": {"random_erase": 0.25},
+            "dali-fused-randaug": {"rand_augment": (2, 9)}, "dali-fused-autoaug": {"auto_augment": True},
+            "dali-fused-trivial": {"trivial_augment": True}}
+
+
+OPTION_VARIANTS = tuple(option_variants(224))
 DALI_VARIANTS = ("dali-fused", "dali-rebuild", "dali-naive", "dali-naive-crop", "dali-fused-noaa", "dali-rn50",
-                 "dali-packed", "dali-packed-s3")
+                 "dali-packed", "dali-packed-s3") + OPTION_VARIANTS
 ALL_VARIANTS = DALI_VARIANTS + ("torchvision",)
 SINGLE_VIEW_VARIANTS = ("dali-rn50",)
 
@@ -230,7 +245,7 @@ def _paired(fused: dict, other: dict, key: str, invert: bool = False) -> Optiona
 
 
 COMPARED = ("torchvision", "dali-naive", "dali-naive-crop", "dali-rebuild", "dali-rn50", "dali-packed",
-            "dali-packed-s3")
+            "dali-packed-s3") + OPTION_VARIANTS
 
 
 def ratios(results: List[dict]) -> Dict[str, Dict[str, float]]:

@@ -17,6 +17,7 @@ CPU-only run); ``compute_slowdown`` (real step time without the wait ÷ syntheti
 from __future__ import annotations
 
 import time
+from statistics import median
 from typing import Callable, List, Tuple
 
 
@@ -123,3 +124,53 @@ def summarise(rows: List[dict], b: int, m: int, cfg) -> dict:
         "amp": cfg.train.amp,
         "channels_last": cfg.train.channels_last,
     }
+
+
+def run_step_comparison(cfg, variants: List[Tuple[str, object]], steps: int, warmup: int, rounds: int,
+                        log: Callable[[str], None] = print) -> Tuple[dict, List[dict]]:
+    """The trainer's step on one synthetic batch (no loader), for ``cfg`` (``base``) and each
+    ``(name, config)`` of ``variants`` (e.g. mixup/CutMix, an EMA), interleaved in every round in
+    one process, so a busy machine slows all alike. (summary: median wall and CPU seconds per step
+    and their ratios to ``base``; rows: one per variant and round)."""
+    import torch
+
+    from dali_ba.loader import BatchAugmentLoader
+    from trainers import dist as tdist
+    from trainers.config import for_world
+    from trainers.engine import build_engine
+    from trainers.host_memory import keep_freed_host_memory
+
+    keep_freed_host_memory()
+    env = tdist.setup(cfg.train.dist_timeout_s)
+    cfg = for_world(cfg, env.world)  # data.global_batch_size → this world's B, as the trainer does
+    variants = [(name, for_world(variant, env.world)) for name, variant in variants]
+    classes = cfg.model.num_classes or len(BatchAugmentLoader.from_config(cfg.data).classes)  # (no pipeline built)
+    b, m, size = cfg.data.batch_size, cfg.data.num_views, cfg.data.image_size
+    engines = {}
+    for name, variant in [("base", cfg), *variants]:
+        torch.manual_seed(variant.train.seed)
+        engines[name] = build_engine(variant, env, classes)
+        engines[name].model.train()
+    fmt = engines["base"].memory_format
+    images = torch.randn(b * m, 3, size, size, device=env.device).contiguous(memory_format=fmt)
+    labels = torch.randint(0, classes, (b * m,), device=env.device)
+    rows: List[dict] = []
+    for r in range(rounds):
+        order = list(engines)[r % len(engines):] + list(engines)[:r % len(engines)]
+        for name in order:
+            engine = engines[name]
+            for i in range(warmup + steps):
+                if i == warmup:
+                    _sync(env.device)
+                    t0, cpu0 = time.perf_counter(), time.process_time()
+                engine.step(images, labels, 1e-3, i)
+            _sync(env.device)
+            per_step, cpu = (time.perf_counter() - t0) / steps, (time.process_time() - cpu0) / steps
+            rows.append({"round": r, "variant": name, "steps": steps, "step_s": per_step, "cpu_s": cpu})
+            log(f"round {r + 1}/{rounds} {name:<8}: {per_step * 1e3:.1f} ms per step, {cpu * 1e3:.1f} CPU ms")
+    tdist.shutdown(env)
+    keys = ("step_s", "cpu_s")  # wall clock, and CPU seconds of the process (steadier on a busy machine)
+    medians = {name: {k: median([x[k] for x in rows if x["variant"] == name]) for k in keys} for name in engines}
+    summary = {name: {**values, **{f"{k}_vs_base": values[k] / medians["base"][k] for k in keys}}
+               for name, values in medians.items()}
+    return summary, rows

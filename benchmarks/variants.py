@@ -11,7 +11,7 @@ from typing import Callable, Iterator, List, Tuple
 
 import numpy as np
 
-from benchmarks.loader_bench import Case, LoaderBenchSettings
+from benchmarks.loader_bench import Case, LoaderBenchSettings, option_variants
 from dali_ba.options import IMAGENET_MEAN as MEAN
 from dali_ba.options import IMAGENET_STD as STD
 
@@ -75,7 +75,7 @@ def _endless(loader) -> Iterator:
 def _start_loader(s: LoaderBenchSettings, case: Case, hw: float) -> Source:
     options = {"dali-naive": {"decode_per_view": "full"}, "dali-naive-crop": {"decode_per_view": "crop"},
                "dali-fused-noaa": {"antialias": False}, "dali-packed": {"root": s.packed},
-               "dali-packed-s3": {"root": s.packed_s3}}.get(case.variant, {})
+               "dali-packed-s3": {"root": s.packed_s3}, **option_variants(s.image_size)}.get(case.variant, {})
     loader = _dali_loader(s, case.num_views, hw, **options)
     batches = _endless(loader)
     return Source(batches, lambda: loader.step % len(loader), batches.close)

@@ -57,6 +57,11 @@ class DataConfig:
     pad: int = P.pad
     color_jitter: float = P.color_jitter
     trivial_augment: bool = P.trivial_augment
+    rand_augment: Optional[List[int]] = None  # [N, M], e.g. [2, 9]; empty or null: off
+    auto_augment: bool = P.auto_augment
+    cutout: int = P.cutout
+    cutout_holes: int = P.cutout_holes
+    random_erase: float = P.random_erase
     mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
     dtype: str = P.dtype

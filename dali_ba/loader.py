@@ -41,6 +41,7 @@ class _DaliLoader(PipelineOptions):
     def __post_init__(self) -> None:
         check_options(self)
         self.mean, self.std = tuple(float(x) for x in self.mean), tuple(float(x) for x in self.std)
+        self.rand_augment = tuple(self.rand_augment) if self.rand_augment else None  # [] and None: off
         from_process_group = self.shard_id is None and self.num_shards is None
         self.shard_id, self.num_shards = resolve_shard(self.shard_id, self.num_shards)
         self.device = resolve_device(self.device)

@@ -8,7 +8,7 @@ same names) with a ``data.`` prefix in its messages.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from dali_ba.errors import ConfigError
 from dali_ba.packed import PACKED_SHUFFLES
@@ -17,6 +17,8 @@ AUGMENT_RECIPES = ("imagenet", "cifar")
 DEVICES = ("auto", "cpu", "cuda")
 DECODE_DEVICES = ("auto", "gpu", "cpu")
 DTYPES = ("float32", "float16")
+RAND_AUGMENT_MAX_MAGNITUDE = 30  # DALI's rand_augment: 31 magnitude bins
+POLICIES = ("trivial_augment", "rand_augment", "auto_augment")  # automatic augmentation: at most one
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # on the 0..1 scale
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,8 +47,13 @@ class PipelineOptions:
     channels_last: bool = False  # NCHW tensors in channels-last memory (the graph emits HWC)
     min_area: float = 0.08  # imagenet: random resized crop area range [min_area, 1]
     pad: int = 4  # cifar: zero padding before the random crop
-    color_jitter: float = 0.0  # imagenet: brightness/contrast/saturation strength per view
-    trivial_augment: bool = False  # imagenet: TrivialAugment-Wide per view
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength per view
+    trivial_augment: bool = False  # TrivialAugment-Wide per view (at most one of the three policies)
+    rand_augment: Optional[Sequence[int]] = None  # RandAugment [N, M] per view: N ops of magnitude M (0..30)
+    auto_augment: bool = False  # AutoAugment, the ImageNet policy, per view
+    cutout: int = 0  # square hole side in pixels after normalisation, filled with 0 (0 = off)
+    cutout_holes: int = 1  # holes per view (each at its own random centre)
+    random_erase: float = 0.0  # probability of erasing a random rectangle per view (timm's ranges)
     mean: Sequence[float] = IMAGENET_MEAN  # normalisation, 0..1 scale
     std: Sequence[float] = IMAGENET_STD
     antialias: bool = True  # imagenet crops: False = faster, aliased downscaling (an approximation)
@@ -56,8 +63,8 @@ class PipelineOptions:
 
     @property
     def needs_conditionals(self) -> bool:
-        """Per-view automatic augmentation needs DALI's conditionals."""
-        return self.trivial_augment
+        """Per-view automatic augmentation (nvidia.dali.auto_aug) needs DALI's conditionals."""
+        return bool(active_policies(self))
 
     @property
     def gpu_decode(self) -> bool:
@@ -65,11 +72,17 @@ class PipelineOptions:
         return self.device == "cuda" and self.decode_device != "cpu"
 
 
+def active_policies(options: Any) -> Tuple[str, ...]:
+    """The automatic augmentation policies ``options`` turns on (an empty ``rand_augment`` is off)."""
+    return tuple(name for name in POLICIES if getattr(options, name, None))
+
+
 # The options that shape a pipeline's graph (and so its DALI checkpoints): a state saved by one
 # graph must not be restored into another (DALI calls that undefined behaviour).
 GRAPH_OPTIONS = ("image_size", "augment", "device", "decode_device", "hw_decoder_load", "preallocate_width_hint",
                  "preallocate_height_hint", "dtype", "channels_last", "min_area", "pad", "color_jitter",
-                 "trivial_augment", "mean", "std", "antialias")
+                 "trivial_augment", "rand_augment", "auto_augment", "cutout", "cutout_holes", "random_erase",
+                 "mean", "std", "antialias")
 
 
 def graph_settings(options: "PipelineOptions", **extra: Any) -> Dict[str, Any]:
@@ -77,6 +90,10 @@ def graph_settings(options: "PipelineOptions", **extra: Any) -> Dict[str, Any]:
     out = {name: getattr(options, name) for name in GRAPH_OPTIONS}
     out.update(extra)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+# What a state saved before an option existed was built with: the option's default (off).
+GRAPH_DEFAULTS = graph_settings(PipelineOptions())
 
 
 def _between(low: float, high: float, low_open: bool = False) -> Callable[[Any], Optional[str]]:
@@ -92,6 +109,15 @@ def _at_least(low: float) -> Callable[[Any], Optional[str]]:
 
 def _one_of(choices: Sequence[str]) -> Callable[[Any], Optional[str]]:
     return lambda value: None if value in choices else f"expected one of {', '.join(choices)}"
+
+
+def _rand_augment(value: Any) -> Optional[str]:
+    if len(value) == 0:
+        return None
+    ints = len(value) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+    if ints and value[0] >= 1 and 0 <= value[1] <= RAND_AUGMENT_MAX_MAGNITUDE:
+        return None
+    return f"expected [N, M]: N >= 1 ops of magnitude 0 <= M <= {RAND_AUGMENT_MAX_MAGNITUDE} (empty or null: off)"
 
 
 def _rgb(value: Any) -> Optional[str]:
@@ -110,6 +136,8 @@ CHECKS: Dict[str, Callable[[Any], Optional[str]]] = {
     "preallocate_height_hint": _at_least(0), "min_area": _between(0.0, 1.0, low_open=True), "pad": _at_least(0),
     "color_jitter": _at_least(0.0), "mean": _rgb, "std": _rgb_positive, "seed": _at_least(0),
     "packed_shuffle": _one_of(PACKED_SHUFFLES), "shuffle_buffer": _at_least(1), "global_batch_size": _at_least(0),
+    "rand_augment": _rand_augment, "cutout": _at_least(0), "cutout_holes": _at_least(1),
+    "random_erase": _between(0.0, 1.0),
 }
 
 
@@ -123,3 +151,7 @@ def check_options(options: Any, prefix: str = "") -> None:
         if problem:
             shown = list(value) if isinstance(value, (list, tuple)) else value
             raise ConfigError(f"{prefix}{name}: {problem}; got {shown!r}")
+    policies = active_policies(options)
+    if len(policies) > 1:
+        raise ConfigError(f"{prefix}{policies[1]}: at most one of trivial_augment, rand_augment, auto_augment may be "
+                          f"on; got {' and '.join(prefix + p for p in policies)}")

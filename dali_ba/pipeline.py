@@ -69,15 +69,19 @@ def _naive_views(encoded, spec: PipelineOptions, num_views: int, mode: str) -> l
     """M views, each from its own decoder: the baseline a DALI user would write without fusing."""
     from nvidia.dali import fn
 
-    from dali_ba.augment import colour, normalize
+    from dali_ba.augment import extras, has_extras, normalize, occlude
 
     if mode == "full":
         return [train_view(prepare_shared(_decode(encoded, spec, name=f"decode_view{i}"), spec), spec)
                 for i in range(num_views)]
     if spec.augment != "imagenet":
         raise ConfigError("decode_per_view='crop' (a ROI decode per view) needs augment='imagenet'")
-    return [normalize(colour(_crop_decode(encoded, spec, name=f"crop_decode_view{i}"), spec), spec,
-                      mirror=fn.random.coin_flip()) for i in range(num_views)]
+    views = []
+    for i in range(num_views):
+        view = _crop_decode(encoded, spec, name=f"crop_decode_view{i}")
+        view = extras(view, spec) if has_extras(spec) else view
+        views.append(occlude(normalize(view, spec, mirror=fn.random.coin_flip()), spec))
+    return views
 
 
 def build_pipeline(
@@ -115,8 +119,8 @@ def build_pipeline(
             views = _naive_views(encoded, spec, num_views, decode_per_view)
         elif not train and num_views == 1:
             views = [eval_view(_decode(encoded, spec), spec)]
-        else:
-            views = train_views(prepare_shared(_decode(encoded, spec), spec), spec, num_views)
+        else:  # train views; test-time views (not train) without occlusions
+            views = train_views(prepare_shared(_decode(encoded, spec), spec), spec, num_views, occlusions=train)
         return (*views, labels.gpu() if spec.device == "cuda" else labels)
 
     conditionals = spec.needs_conditionals and (train or num_views > 1)

@@ -2,6 +2,9 @@
 
 Views come from the real train pipeline with mean 0 / std 1, so the pixels are what the network
 would see before normalisation. Column 0 is the eval view of the same image, for reference.
+Every per-view option of the loaders can be drawn (``--cutout 16``, ``--rand-augment 2,9``, …): each
+column is its own draw. Cutout holes and erased rectangles are filled with 0 after normalisation,
+the mean colour in training; with mean 0 / std 1 here they show black.
 """
 from __future__ import annotations
 
@@ -16,6 +19,20 @@ LABEL_WIDTH = 110
 GAP = 4
 
 
+def _pair(text: str) -> list:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N,M (two integers), got {text!r}") from None
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected N,M (two integers), got {text!r}")
+    return values
+
+
+OPTIONS = ("color_jitter", "trivial_augment", "rand_augment", "auto_augment", "cutout", "cutout_holes",
+           "random_erase")  # the per-view options `show` draws (the loaders' names)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", required=True, help="ImageFolder root (root/<class>/<image>)")
     parser.add_argument("--views", type=int, default=4, help="M: views per image (columns)")
@@ -24,6 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--pad", type=int, default=4, help="cifar recipe padding")
     parser.add_argument("--color-jitter", type=float, default=0.0)
+    parser.add_argument("--trivial-augment", action="store_true", help="TrivialAugment-Wide per view")
+    parser.add_argument("--rand-augment", type=_pair, default=None, metavar="N,M",
+                        help="RandAugment per view: N operations of magnitude M (e.g. 2,9)")
+    parser.add_argument("--auto-augment", action="store_true", help="AutoAugment (ImageNet policy) per view")
+    parser.add_argument("--cutout", type=int, default=0, help="Cutout hole side in pixels (0: off)")
+    parser.add_argument("--cutout-holes", type=int, default=1, help="Cutout holes per view")
+    parser.add_argument("--random-erase", type=float, default=0.0, help="random erasing probability per view")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=int, default=0, help="upscale factor for small images (0: auto)")
     parser.add_argument("--out", default="views.png", help="PNG file to write")
@@ -42,9 +66,8 @@ def render_grid(root: str, views: int, images: int, augment: str, image_size: in
     batch, labels = next(iter(loader))  # [N, M, C, H, W]
     # The same files in the same order through the eval transform: the reference column.
     chosen = loader.batch_indices(0, 0)
-    eval_options = {k: v for k, v in options.items() if k != "color_jitter"}
     eval_loader = EvalLoader(root, batch_size=images, image_size=image_size, augment=augment, indices=chosen,
-                             **plain, **eval_options)
+                             **plain)
     reference, _ = next(iter(eval_loader))
     files = [loader.dataset.files[i] for i in chosen]
 
@@ -53,7 +76,8 @@ def render_grid(root: str, views: int, images: int, augment: str, image_size: in
     width = LABEL_WIDTH + (views + 1) * (cell + GAP)
     grid = Image.new("RGB", (width, len(files) * (cell + GAP) + 20), "white")
     draw = ImageDraw.Draw(grid)
-    draw.text((4, 4), f"{augment}: eval view | {views} train views", fill="black")
+    shown = ", ".join(f"{k} {v}" for k, v in options.items() if v and k in OPTIONS and k != "cutout_holes")
+    draw.text((4, 4), f"{augment}: eval view | {views} train views" + (f" ({shown})" if shown else ""), fill="black")
     for row in range(len(files)):
         y = 20 + row * (cell + GAP)
         draw.text((4, y + cell // 2 - 6), loader.classes[int(labels[row])][:16], fill="black")
@@ -71,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     if args.views < 1 or args.images < 1:
         raise UserError(f"--views and --images must be >= 1; got {args.views} and {args.images}")
     grid = render_grid(args.root, args.views, args.images, args.augment, args.image_size, args.seed, args.scale,
-                       pad=args.pad, color_jitter=args.color_jitter)
+                       pad=args.pad, **{name: getattr(args, name) for name in OPTIONS})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)

@@ -159,6 +159,46 @@ def test_variants_give_the_same_output(tmp_path, variant, views):
         assert colours[nearest] == int(label)
 
 
+def _plain_views(images: torch.Tensor, colours: dict) -> list:
+    """For each view: flat, and one of the folder's colours (what every crop and flip of it is)."""
+    from benchmarks.variants import MEAN, STD
+
+    pixels = images * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+    plain = []
+    for view in pixels:
+        rgb = (view.mean(dim=(1, 2)) * 255).tolist()
+        flat = float((view * 255 - torch.tensor(rgb).view(3, 1, 1)).abs().max()) < 3
+        plain.append(flat and any(max(abs(x - y) for x, y in zip(c, rgb)) < 3 for c in colours))
+    return plain
+
+
+@pytest.mark.parametrize("variant", ["dali-fused-cutout", "dali-fused-erase", "dali-fused-randaug",
+                                     "dali-fused-autoaug", "dali-fused-trivial"])
+def test_option_variants_are_the_fused_loader_with_their_option_on(tmp_path, variant):
+    """The cost variants: the same batch shape and labels as dali-fused, and the option visibly at
+    work (the fused loader's views of flat-colour images are all flat, in the images' colours)."""
+    from benchmarks.loader_bench import Case, LoaderBenchSettings
+    from benchmarks.variants import start
+
+    colours = _flat_colour_folder(tmp_path)
+    s = LoaderBenchSettings(root=str(tmp_path), batch_size=4, threads=1, image_size=20, device="cpu")
+    plain, changed = [], []
+    for name, out in (("dali-fused", plain), (variant, changed)):
+        source = start(s, Case(name, 3))
+        try:
+            for _ in range(3):
+                images, labels = source.next_batch()
+                assert images.shape == (12, 3, 20, 20) and images.dtype == torch.float32
+                assert torch.equal(labels, labels[::3].repeat_interleave(3))
+                out.extend(_plain_views(images, colours))
+        finally:
+            source.close()
+    assert all(plain)
+    assert not all(changed), variant
+    if variant == "dali-fused-cutout":  # a hole of half the side in every view
+        assert not any(changed)
+
+
 def test_process_tree_cpu_counts_live_children():
     from benchmarks.loader_bench import process_tree_cpu_seconds
 
@@ -350,3 +390,33 @@ def test_cli_train_writes_its_record(tmp_path, image_folder):
     summary = record["summary"]
     assert summary["real_samples_per_s"] == pytest.approx(3 * summary["real_images_per_s"])
     assert [r["phase"] for r in record["rounds"]] == ["real", "synthetic"]
+
+
+def test_cli_train_compare_times_each_variant_in_every_round(tmp_path, image_folder, capsys, monkeypatch):
+    """--compare: the base step and each variant's (here mixup + CutMix, an EMA) on synthetic tensors,
+    interleaved per round, with a ratio to base; the variants really are built with their overrides."""
+    from benchmarks.cli import main
+    from trainers.engine import Engine
+
+    built = []
+    original = Engine.step
+
+    def step(self, *args):
+        built.append((self.mixer is not None, self.ema is not None))
+        return original(self, *args)
+
+    out = tmp_path / "compare.json"
+    monkeypatch.setattr(Engine, "step", step)
+    assert main(["train", "--config", str(_tiny_config(tmp_path, image_folder)), "--steps", "2", "--warmup", "1",
+                 "--rounds", "2", "--json", str(out), "--compare", "mix:train.mixup=0.2,train.cutmix=1.0",
+                 "--compare", "ema:train.ema_decay=0.99"]) == 0
+    assert sorted(set(built)) == [(False, False), (False, True), (True, False)]
+    assert len(built) == 3 * 2 * (1 + 2)
+    table = capsys.readouterr().out
+    assert "| mix | train.mixup=0.2,train.cutmix=1.0 |" in table and "| ema | train.ema_decay=0.99 |" in table
+    record = json.loads(out.read_text())
+    assert record["kind"] == "train-options" and record["summary"]["base"]["step_s_vs_base"] == 1.0
+    assert all(r["step_s"] > 0 and r["cpu_s"] > 0 for r in record["rounds"])
+    assert [(r["round"], r["variant"]) for r in record["rounds"]] == [
+        (0, "base"), (0, "mix"), (0, "ema"), (1, "mix"), (1, "ema"), (1, "base")]
+    assert main(["train", "--config", str(_tiny_config(tmp_path, image_folder)), "--compare", "train.mixup=0.2"]) == 2

@@ -98,3 +98,20 @@ def test_importing_the_loaders_pulls_in_no_trainer_or_plotting_code():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_per_view_augmentations_as_users_type_them(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  rand_augment: [2, 9]\n  cutout: 16\n  random_erase: 0.25\n")
+    cfg = load_config(path)
+    assert (cfg.data.rand_augment, cfg.data.cutout, cfg.data.cutout_holes, cfg.data.random_erase) == ([2, 9], 16, 1,
+                                                                                                      0.25)
+    assert load_config(path, ["data.rand_augment=null"]).data.rand_augment is None
+    assert load_config(path, ["data.rand_augment=[]"]).data.rand_augment == []  # off, like null
+    assert load_config(path, ["data.rand_augment=[1, 5]"]).data.rand_augment == [1, 5]
+    with pytest.raises(ConfigError, match="data.rand_augment") as info:
+        load_config(path, ["data.rand_augment=[2, nine]"])
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="data.auto_augment: at most one of trivial_augment, rand_augment, "
+                                          "auto_augment may be on; got data.rand_augment and data.auto_augment"):
+        load_config(path, ["data.auto_augment=true"])

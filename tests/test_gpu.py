@@ -265,3 +265,17 @@ def test_gpu_trainer_step_uses_cudnn_autotuning_fused_sgd_bf16_and_channels_last
         loss, _ = engine.step(images, labels, 0.05, step)
         losses.append(loss)
     assert all(torch.isfinite(x).item() for x in losses) and losses[0].is_cuda
+
+
+@pytest.mark.parametrize("augment", ["imagenet", "cifar"])
+def test_gpu_per_view_options_draw_their_own_parameters(image_folder, augment):
+    """Cutout, random erasing and each automatic policy in the GPU graph: CUDA tensors, every view
+    its own draw, occlusions filled with 0 after normalisation."""
+    for options in (dict(cutout=8, random_erase=1.0), dict(rand_augment=[2, 9]), dict(auto_augment=True),
+                    dict(trivial_augment=True)):
+        loader = BatchAugmentLoader(image_folder, num_views=4, augment=augment, layout="grouped", **SMALL, **options)
+        images, _ = next(iter(loader))
+        assert images.is_cuda and images.shape == (4, 4, 3, 32, 32) and torch.isfinite(images).all()
+        _differ_pairwise(images)
+        if "cutout" in options:
+            assert all(bool((images[b, v] == 0).all(dim=0).any()) for b in range(4) for v in range(4))

@@ -4,17 +4,20 @@ A checkpoint is one ``torch.save``'d dict (``FORMAT``): ``step`` (optimizer step
 ``model`` (unwrapped state dict), ``optimizer``, ``scaler`` (AMP), ``loader`` and ``rng`` (one
 entry per rank: the loader's mid-epoch state and that rank's RNG states), ``config`` (the
 resolved config as a dict), ``world_size``, ``best_top1``, ``schedule`` (for information: the LR
-is a pure function of ``step``). Files are written to a temporary name in the same folder, fsynced,
+is a pure function of ``step``), ``ema`` (the weight average's state dict with ``train.ema_decay``,
+else None). Files are written to a temporary name in the same folder, fsynced,
 then renamed over the target: a crash leaves the previous ``last.pt`` intact, never half of one.
 """
 from __future__ import annotations
 
 import os
 import random
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from dali_ba.errors import UserError
+from trainers.config import Config
 
 # torch and numpy are imported where they are used: resolve_resume runs before the trainer
 # imports torch, so that a wrong path fails in a fraction of a second.
@@ -28,10 +31,11 @@ LAST, BEST = "last.pt", "best.pt"
 # The training set itself may change (data.train_root / data.train_list, e.g. a broken image left
 # out): the classes must stay the same, and the loader then restarts the epoch's order (loop.py).
 MUST_MATCH = (
-    "model.arch", "model.num_classes", "data.batch_size", "data.global_batch_size", "data.num_views",
-    "data.image_size", "data.augment", "train.epochs", "train.seed", "train.amp", "train.view_chunks",
+    "data.batch_size", "data.global_batch_size", "data.num_views", "data.image_size", "data.augment", "train.epochs",
+    "train.seed", "train.amp", "train.view_chunks", "train.mixup", "train.cutmix", "train.mixup_switch_prob",
+    "train.ema_decay",
 )
-MUST_MATCH_SECTIONS = ("optim", "schedule")
+MUST_MATCH_SECTIONS = ("model", "optim", "schedule")
 
 
 class ResumeError(UserError):
@@ -145,9 +149,10 @@ def _flatten(d: dict, prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def config_differences(saved: dict, current: dict) -> List[str]:
-    """``key: checkpoint X, now Y`` for each key that matters and differs."""
-    a, b = _flatten(saved), _flatten(current)
+def config_differences(saved: dict, current: dict, defaults: Optional[dict] = None) -> List[str]:
+    """``key: checkpoint X, now Y`` for each key that matters and differs. A key the checkpoint lacks
+    (written before the option existed) counts as its value in ``defaults``."""
+    a, b = {**_flatten(defaults or {}), **_flatten(saved)}, _flatten(current)
     keys = [k for k in sorted(set(a) | set(b)) if k in MUST_MATCH or k.split(".")[0] in MUST_MATCH_SECTIONS]
     return [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
@@ -155,7 +160,7 @@ def config_differences(saved: dict, current: dict) -> List[str]:
 def check_compatible(ckpt: dict, config: dict, world: int, path: Path, packed: bool = False) -> None:
     """ResumeError unless ``config`` on ``world`` ranks can continue ``ckpt``. Another world size is
     fine when the run fixes its global batch (``data.global_batch_size``), for loose files."""
-    problems = config_differences(ckpt["config"], config)
+    problems = config_differences(ckpt["config"], config, asdict(Config()))
     elastic = config["data"].get("global_batch_size", 0) > 0
     if ckpt["world_size"] != world:
         problems = [p for p in problems if not (elastic and p.startswith("data.batch_size:"))]
@@ -202,8 +207,6 @@ def save_checkpoint(paths, env, *, step, engine, loader, config, best_top1, sche
                     loader_state: Optional[dict] = None) -> None:
     """Collective: gather every rank's loader and RNG state, rank 0 writes each of ``paths``.
     ``loader_state``: this rank's loader state to save instead of the loader's current one."""
-    from dataclasses import asdict
-
     from trainers import dist as tdist
 
     loader_states = tdist.gather_objects(env, loader.state_dict() if loader_state is None else loader_state)
@@ -214,6 +217,7 @@ def save_checkpoint(paths, env, *, step, engine, loader, config, best_top1, sche
             "optimizer": engine.optimizer.state_dict(), "scaler": engine.scaler.state_dict(), "loader": loader_states,
             "rng": rngs, "config": config, "world_size": env.world, "best_top1": best_top1,
             "diagnostics": engine.monitor.state_dict(), "schedule": asdict(schedule), "classes": list(loader.classes),
+            "ema": engine.ema.state_dict() if engine.ema is not None else None,
         }
         for path in paths:
             save_atomic(state, path)

@@ -18,12 +18,21 @@ LR_SCALING = ("none", "linear", "sqrt")
 SCHEDULES = ("step", "cosine")
 WARMUPS = ("linear", "legw")
 AMP_MODES = ("off", "bf16", "fp16")
+VIEW_AVERAGES = ("softmax", "logits")
+SHORTCUTS = ("auto", "pad", "projection")  # trainers.models
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "resnet18"  # torchvision resnet18/34/50/101, cifar resnet20/44/56, resnet8, smallnet
     num_classes: int = 0  # 0: the number of class folders in data.train_root
+    shortcut: str = "auto"  # CIFAR ResNets: "pad" (He et al.'s option A, = auto) or "projection" (the BA authors')
+    zero_init_residual: bool = False  # the last BatchNorm of each residual block starts at 0 (the BA authors')
+    fc_init_std: float = 0.0  # classifier weight ~ N(0, std), bias 0 (the BA authors: 0.01); 0 = default init
+
+    def __post_init__(self) -> None:
+        check_choice("model.shortcut", self.shortcut, SHORTCUTS)
+        check_at_least("model.fc_init_std", self.fc_init_std, 0.0)
 
 
 @dataclass(frozen=True)
@@ -83,10 +92,20 @@ class TrainConfig:
     log_every: int = 10  # steps between logged losses (each costs a device sync)
     tensorboard: bool = False
     dist_timeout_s: int = 600  # a dead rank brings the others down after this many seconds
+    mixup: float = 0.0  # mixup's Beta(α, α) alpha on the M·B batch (trainers/mixing.py); 0 = off
+    cutmix: float = 0.0  # CutMix's alpha; 0 = off
+    mixup_switch_prob: float = 0.5  # with both on: the probability that a sample uses CutMix
+    ema_decay: float = 0.0  # EMA of the weights, updated after every step, evaluated and saved beside them; 0 = off
 
     def __post_init__(self) -> None:
         if self.epochs <= 0:
             raise ConfigError(f"train.epochs: expected a value > 0; got {self.epochs!r}")
+        check_at_least("train.mixup", self.mixup, 0.0)
+        check_at_least("train.cutmix", self.cutmix, 0.0)
+        if not 0.0 <= self.mixup_switch_prob <= 1.0:
+            raise ConfigError(f"train.mixup_switch_prob: expected 0 <= value <= 1; got {self.mixup_switch_prob!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay: expected 0 <= value < 1 (0 = off); got {self.ema_decay!r}")
         for key in ("max_steps", "eval_every", "checkpoint_every", "seed"):
             check_at_least(f"train.{key}", getattr(self, key), 0)
         check_at_least("train.log_every", self.log_every, 1)
@@ -99,10 +118,12 @@ class TrainConfig:
 class EvalConfig:
     views: int = 1  # >1: test-time averaging over this many augmented views
     batch_size: int = 0  # 0: data.batch_size
+    average: str = "softmax"  # test-time views: average the "softmax" outputs or the "logits" (the BA authors')
 
     def __post_init__(self) -> None:
         check_at_least("eval.views", self.views, 1)
         check_at_least("eval.batch_size", self.batch_size, 0)
+        check_choice("eval.average", self.average, VIEW_AVERAGES)
 
 
 @dataclass(frozen=True)
@@ -129,6 +150,9 @@ class Config:
                 f"train.view_chunks: expected a divisor of data.num_views={self.data.num_views}; "
                 f"got {self.train.view_chunks}"
             )
+        if (self.train.mixup > 0 or self.train.cutmix > 0) and self.data.batch_size < 2:
+            raise ConfigError(f"train.mixup/train.cutmix: mixing pairs different images, so data.batch_size must be "
+                              f"at least 2; got {self.data.batch_size}")
         if self.data.dtype == "float16" and self.train.amp == "off":
             raise ConfigError("data.dtype=float16 needs train.amp=fp16 or bf16: an fp32 model cannot take "
                               "float16 images (or set data.dtype=float32)")

@@ -131,7 +131,7 @@ class GradNoiseMonitor:
             return
         if kind == "view":  # flat image-major [B·M] -> view v of every image
             x = images.view(self.B, self.M, *images.shape[1:])[:, self.view]
-            y = labels.view(self.B, self.M)[:, self.view]
+            y = labels.view(self.B, self.M, *labels.shape[1:])[:, self.view]  # (soft targets too)
         else:  # the first half of the images, all their views
             n = (self.B // 2) * self.M
             x, y = images[:n], labels[:n]

@@ -1,8 +1,8 @@
 """The model side of a run: network, optimizer, AMP, DDP, and the one training step.
 
 ``build_engine`` is shared by the training loop and ``dali-ba bench train``, so the benchmark
-times the trainer's own step: view chunks, label smoothing, AMP, channels-last, DDP and the
-optional gradient-noise probes included. On CUDA it sets what a PyTorch expert expects: cuDNN
+times the trainer's own step: mixup/CutMix, view chunks, label smoothing, AMP, channels-last, DDP,
+the weight EMA and the optional gradient-noise probes included. On CUDA it sets what a PyTorch expert expects: cuDNN
 autotuning, a fused SGD (no host sync for fp16's inf check), and DDP gradients as views of its
 buckets (one copy less per step).
 """
@@ -19,6 +19,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from trainers import dist as tdist
 from trainers.config import Config
 from trainers.diagnostics import GradNoiseMonitor
+from trainers.ema import WeightEma
+from trainers.evaluate import evaluate
+from trainers.mixing import Mixer
 from trainers.models import build_model
 from trainers.optim import build_optimizer, set_lr
 
@@ -31,10 +34,10 @@ def forward_backward(model, images, labels, loss_fn, scaler, chunks: int, B: int
     activation memory, and BatchNorm statistics per chunk (ghost batch norm)."""
     if chunks == 1:
         parts = [(images, labels)]
-    else:
-        x, y, m = images.view(B, M, *images.shape[1:]), labels.view(B, M), M // chunks
+    else:  # labels: [M·B] class indices or [M·B, classes] soft targets
+        x, y, m = images.view(B, M, *images.shape[1:]), labels.view(B, M, *labels.shape[1:]), M // chunks
         parts = [(x[:, c * m:(c + 1) * m].flatten(0, 1).contiguous(memory_format=memory_format),
-                  y[:, c * m:(c + 1) * m].flatten()) for c in range(chunks)]
+                  y[:, c * m:(c + 1) * m].flatten(0, 1)) for c in range(chunks)]
     total = torch.zeros((), device=images.device)
     for i, (x, y) in enumerate(parts):
         no_sync = model.no_sync() if i < len(parts) - 1 and isinstance(model, DDP) else nullcontext()
@@ -62,11 +65,17 @@ class Engine:
     eager_loss_fn: Callable
     eval_net: nn.Module
     memory_format: torch.memory_format
+    mixer: Optional[Mixer] = None  # train.mixup / train.cutmix
+    ema: Optional[WeightEma] = None  # train.ema_decay
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, lr: float, step: int
              ) -> Tuple[torch.Tensor, Optional[Dict[str, float]]]:
-        """One optimizer step on an M·B batch: (the mean loss as a device tensor, diagnostics or None)."""
+        """One optimizer step on an M·B batch: (the mean loss as a device tensor, diagnostics or None).
+        ``step`` (the global step) also seeds the step's mixup/CutMix draws."""
         set_lr(self.optimizer, lr)
+        if self.mixer is not None:  # labels become soft targets [M·B, classes]
+            images, labels = self.mixer(images, labels, step)
+            images = images.contiguous(memory_format=self.memory_format)
         diagnose = self.monitor.due(step)
         if diagnose:
             scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
@@ -82,7 +91,14 @@ class Engine:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
         return loss, diag
+
+    def evaluate(self, loader) -> Dict[str, float]:
+        """Validation metrics of the model and, with an EMA, of the average (``*_ema``) on the same batches."""
+        return evaluate(self.eval_net, loader, self.env, self.autocast, self.memory_format,
+                        average=self.cfg.eval.average, ema=self.ema.module if self.ema is not None else None)
 
 
 def build_engine(cfg: Config, env: tdist.DistEnv, num_classes: int) -> Engine:
@@ -91,7 +107,9 @@ def build_engine(cfg: Config, env: tdist.DistEnv, num_classes: int) -> Engine:
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each conv once
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model = build_model(cfg.model.arch, num_classes).to(env.device, memory_format=fmt)
+    m = cfg.model
+    model = build_model(m.arch, num_classes, m.shortcut, m.zero_init_residual, m.fc_init_std).to(
+        env.device, memory_format=fmt)
     optimizer = build_optimizer(model, cfg.optim, fused=cuda)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.amp == "fp16")
     amp_dtype = AMP_DTYPES[cfg.train.amp]
@@ -116,5 +134,11 @@ def build_engine(cfg: Config, env: tdist.DistEnv, num_classes: int) -> Engine:
     def eager_loss_fn(x, y):
         return loss_fn(x, y, net=ddp)
 
+    t = cfg.train
+    mixer = None
+    if t.mixup > 0 or t.cutmix > 0:
+        mixer = Mixer(t.mixup, t.cutmix, t.mixup_switch_prob, num_classes, cfg.data.batch_size, cfg.data.num_views,
+                      t.seed, env.rank)
+    ema = WeightEma(model, t.ema_decay) if t.ema_decay > 0 else None
     return Engine(cfg, env, model, ddp, optimizer, scaler, monitor, autocast, loss_fn, eager_loss_fn,
-                  torch.compile(model) if cfg.train.compile else model, fmt)
+                  torch.compile(model) if cfg.train.compile else model, fmt, mixer, ema)

@@ -1,4 +1,5 @@
-"""Validation: every image exactly once over all ranks, one centre view or M averaged views.
+"""Validation: every image exactly once over all ranks, one centre view or M averaged views, of the
+model and (with ``train.ema_decay``) of its weight average, on the same batches.
 
 Shards may differ by one batch between ranks, so nothing here runs a collective per batch: each
 rank sums loss, hits and count locally and they are all-reduced once at the end. The model is the
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import time
 from contextlib import AbstractContextManager
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -24,42 +25,61 @@ from trainers.metrics import topk_correct
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, env: tdist.DistEnv, autocast: Callable[[], AbstractContextManager],
-             memory_format=torch.contiguous_format) -> Dict[str, float]:
-    """``val_top1``/``val_top5`` (%), ``val_loss``, ``val_images``, ``val_views``, ``eval_time``."""
+             memory_format=torch.contiguous_format, average: str = "softmax",
+             ema: Optional[nn.Module] = None) -> Dict[str, float]:
+    """``val_top1``/``val_top5`` (%), ``val_loss``, ``val_images``, ``val_views``, ``eval_time``; with
+    ``ema`` (a second model, the weight average) also ``val_top1_ema``/``val_top5_ema``/``val_loss_ema``
+    on the same batches. ``average``: how test-time views combine (``view_log_probs``)."""
     start = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss, top-1 hits, top-5 hits, images
+    models = {"": model, **({"_ema": ema} if ema is not None else {})}
+    was_training = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
+    sums = torch.zeros(len(models), 4, dtype=torch.float64, device=env.device)  # loss, top-1, top-5, images
     views = getattr(loader, "views", 1)
     try:
-        _accumulate(model, loader, env, autocast, memory_format, sums, views)
+        _accumulate(list(models.values()), loader, env, autocast, memory_format, sums, views, average)
         failure = None
     except DecodeError as exc:
         failure = exc
-    loss_sum, top1, top5, count, failed = tdist.all_reduce_sum(env, sums.tolist() + [float(failure is not None)])
-    model.train(was_training)
-    if failed:
+    totals = tdist.all_reduce_sum(env, sums.flatten().tolist() + [float(failure is not None)])
+    for name, m in models.items():
+        m.train(was_training[name])
+    if totals[-1]:
         raise DataFailure(f"validation: {gather_failure(env, failure)}")
-    n = max(count, 1.0)
-    return {"val_top1": 100.0 * top1 / n, "val_top5": 100.0 * top5 / n, "val_loss": loss_sum / n,
-            "val_images": int(count), "val_views": views, "eval_time": time.perf_counter() - start}
+    out: Dict[str, float] = {}
+    for k, suffix in enumerate(models):
+        loss_sum, top1, top5, count = totals[4 * k:4 * k + 4]
+        n = max(count, 1.0)
+        out.update({f"val_top1{suffix}": 100.0 * top1 / n, f"val_top5{suffix}": 100.0 * top5 / n,
+                    f"val_loss{suffix}": loss_sum / n})
+    out.update(val_images=int(totals[3]), val_views=views, eval_time=time.perf_counter() - start)
+    return out
 
 
-def _accumulate(model, loader, env, autocast, memory_format, sums, views) -> None:
+def view_log_probs(logits: torch.Tensor, views: int, average: str = "softmax") -> torch.Tensor:
+    """``[b·views, C]`` logits (image-major) → ``[b, C]`` log-probabilities of each image's prediction:
+    ``softmax``: the log of the mean of the views' softmaxes; ``logits``: the log-softmax of the
+    mean of their logits (the authors' ``_average_duplicates``)."""
+    logits = logits.float()
+    if views == 1:
+        return logits.log_softmax(dim=1)
+    grouped = logits.view(-1, views, logits.shape[1])
+    if average == "logits":
+        return grouped.mean(dim=1).log_softmax(dim=1)
+    return grouped.softmax(dim=2).mean(dim=1).clamp_min(1e-12).log()
+
+
+def _accumulate(models, loader, env, autocast, memory_format, sums, views, average) -> None:
     for images, labels in loader:
         images = images.to(env.device, non_blocking=True)
         labels = labels.to(env.device, non_blocking=True)
-        b = labels.shape[0]
-        if views > 1:  # [b, V, C, H, W]: average the softmax over the views (test-time averaging)
-            x = images.flatten(0, 1).contiguous(memory_format=memory_format)
+        x = images.flatten(0, 1) if views > 1 else images  # [b, V, C, H, W] → [b·V, C, H, W]
+        x = x.contiguous(memory_format=memory_format)
+        for k, model in enumerate(models):
             with autocast():
                 logits = model(x)
-            probs = logits.float().softmax(dim=1).view(b, views, -1).mean(dim=1)
-            log_probs = probs.clamp_min(1e-12).log()
-        else:
-            with autocast():
-                logits = model(images.contiguous(memory_format=memory_format))
-            log_probs = logits.float().log_softmax(dim=1)
-        sums[0] += F.nll_loss(log_probs, labels, reduction="sum").double()
-        sums[1:3] += topk_correct(log_probs, labels, (1, 5))
-        sums[3] += b
+            log_probs = view_log_probs(logits, views, average)
+            sums[k, 0] += F.nll_loss(log_probs, labels, reduction="sum").double()
+            sums[k, 1:3] += topk_correct(log_probs, labels, (1, 5))
+            sums[k, 3] += labels.shape[0]

@@ -32,7 +32,6 @@ from trainers import checkpoint as ckpt
 from trainers import dist as tdist
 from trainers.config import Config, for_world
 from trainers.engine import Engine, build_engine
-from trainers.evaluate import evaluate
 from trainers.faults import DataFailure, gather_failure
 from trainers.host_memory import keep_freed_host_memory
 from trainers.metrics import MetricsLogger, TrainWindow
@@ -107,6 +106,8 @@ def restore(state: dict, path: Path, engine: Engine, loader: BatchAugmentLoader,
     engine.optimizer.load_state_dict(state["optimizer"])
     engine.scaler.load_state_dict(state["scaler"])
     engine.monitor.load_state_dict(state["diagnostics"])
+    if engine.ema is not None:
+        engine.ema.load_state_dict(state["ema"])
     note = None if message is None else f"{message}; model, optimizer and step {state['step']} resume from {path}"
     return state["step"], state["best_top1"], note
 
@@ -212,13 +213,14 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
             paths = []
             if val is not None and (step == stop_at or due(cfg.train.eval_every)):
                 try:
-                    last_eval = evaluate(engine.eval_net, val, env, engine.autocast, engine.memory_format)
+                    last_eval = engine.evaluate(val)
                 except DataFailure as exc:  # every rank gets it; the training state is consistent
                     stop_on_data_failure(str(exc), validation=True)
                 log.log("eval", step, step / steps_per_epoch, **last_eval)
                 if env.is_main:
+                    ema = f"  val_top1_ema {last_eval['val_top1_ema']:.2f}%" if "val_top1_ema" in last_eval else ""
                     bar.write(f"step {step}: val_top1 {last_eval['val_top1']:.2f}%  "
-                              f"val_top5 {last_eval['val_top5']:.2f}%  val_loss {last_eval['val_loss']:.4f}")
+                              f"val_top5 {last_eval['val_top5']:.2f}%  val_loss {last_eval['val_loss']:.4f}{ema}")
                 if last_eval["val_top1"] > best_top1:
                     best_top1 = last_eval["val_top1"]
                     paths.append(ckpt.checkpoint_dir(out) / ckpt.BEST)
@@ -231,7 +233,7 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
         if window.steps:  # the steps since the last train line (after a signal)
             log_window(tdist.all_reduce_sum(env, [window.loss_sum()])[0])
     if not preempted and val is not None and last_eval is None:  # resumed a finished run: report it again
-        last_eval = evaluate(engine.eval_net, val, env, engine.autocast, engine.memory_format)
+        last_eval = engine.evaluate(val)
         log.log("eval", step, step / steps_per_epoch, **last_eval)
 
     if preempted:

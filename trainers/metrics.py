@@ -8,7 +8,8 @@ run again after the last checkpoint appear twice, and readers keep the last line
 
 ``kind: "train"`` — every ``train.log_every`` steps and at the last step:
     loss           mean cross-entropy over all M·B·world samples, averaged over the steps since the
-                   previous train line (label smoothing included when set)
+                   previous train line (label smoothing included when set; with train.mixup /
+                   train.cutmix, against the mixed soft targets)
     lr             learning rate used by this step's update
     images_per_s   unique images per second over all ranks (B·world per step)
     samples_per_s  samples (augmented views) per second over all ranks (M·B·world per step)
@@ -18,9 +19,13 @@ run again after the last checkpoint appear twice, and readers keep the last line
 ``kind: "eval"`` — every ``train.eval_every`` steps (0: each epoch end) and at the last step:
     val_top1, val_top5   accuracy in % over every validation image exactly once (all ranks)
     val_loss             mean cross-entropy (no label smoothing)
+    val_top1_ema, val_top5_ema, val_loss_ema
+                         the same for the EMA of the weights (with ``train.ema_decay``), on the same
+                         batches; ``best.pt`` still follows ``val_top1`` (the model's)
     val_images           images evaluated
-    val_views            views averaged per image (``eval.views``; 1 = one centre view)
-    eval_time            seconds
+    val_views            views averaged per image (``eval.views``; 1 = one centre view; combined
+                         as ``eval.average`` says: mean softmax or mean logits)
+    eval_time            seconds (the model and its EMA together)
 
 ``kind: "diag"`` — every ``diagnostics.every`` steps (see ``trainers/diagnostics.py`` for the
 estimators). Gradient norms are of the mean-loss gradient, in image units (an image = its M views):
