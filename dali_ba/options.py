@@ -93,7 +93,6 @@ def graph_settings(options: "PipelineOptions", **extra: Any) -> Dict[str, Any]:
 
 
 # What a state saved before an option existed was built with: the option's default (off).
-GRAPH_DEFAULTS = graph_settings(PipelineOptions())
 
 
 def _between(low: float, high: float, low_open: bool = False) -> Callable[[Any], Optional[str]]:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from dali_ba.errors import LoaderStateError
-from dali_ba.options import GRAPH_DEFAULTS
 
 STATE_VERSION = 1
 MUST_MATCH = ("seed", "batch_size", "num_views", "shard_id", "num_shards")
@@ -37,8 +36,7 @@ def check_state(state: dict, mine: dict, steps: int) -> None:
     differ = [f"{k}: saved {state.get(k)!r}, now {mine[k]!r}" for k in MUST_MATCH if state.get(k) != mine[k]]
     if differ:
         raise LoaderStateError("the loader state does not match this loader (" + "; ".join(differ) + ")")
-    # A setting the state lacks was saved before that option existed, so with its default (off).
-    saved, now = {**GRAPH_DEFAULTS, **(state.get("graph") or {})}, mine["graph"]
+    saved, now = state.get("graph") or {}, mine["graph"]
     graph = [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in now if saved.get(k) != now[k]]
     if graph:
         raise LoaderStateError("the loader state was saved by a pipeline with other decode or augmentation settings, "
@@ -55,9 +53,6 @@ def inexact(state: dict, mine: dict) -> Optional[Tuple[str, bool]]:
         return f"the training set changed ({state['num_files']} files then, {mine['num_files']} now)", False
     if state["dali_version"] != mine["dali_version"]:
         return f"saved with DALI {state['dali_version']}, now {mine['dali_version']}", True
-    graph = state.get("graph") or {}
-    if graph.get("trivial_augment") and "rand_augment" not in graph:  # saved before the per-view options
-        return "saved by an older dali-ba whose TrivialAugment graph differs (absolute translations)", True
     return None
 
 

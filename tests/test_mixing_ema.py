@@ -145,16 +145,6 @@ def test_mixing_ema_and_the_authors_model_options_train_and_resume_bit_exactly(d
     assert "\n" not in str(info.value)
 
 
-def test_a_checkpoint_from_before_the_new_options_still_matches_their_defaults():
-    saved = {"train": {"epochs": 2.0}, "model": {"arch": "smallnet", "num_classes": 0}}
-    defaults = {"train": {"epochs": 2.0, "mixup": 0.0, "ema_decay": 0.0},
-                "model": {"arch": "smallnet", "num_classes": 0, "shortcut": "auto"}}
-    assert ckpt.config_differences(saved, defaults, defaults) == []
-    now = {"train": {"epochs": 2.0, "mixup": 0.2, "ema_decay": 0.0},
-           "model": {"arch": "smallnet", "num_classes": 0, "shortcut": "auto"}}
-    assert ckpt.config_differences(saved, now, defaults) == ["train.mixup: checkpoint 0.0, now 0.2"]
-
-
 class _Views:
     """A stand-in EvalLoader: fixed [b, V, C, H, W] batches."""
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from dali_ba.errors import UserError
-from trainers.config import Config
 
 # torch and numpy are imported where they are used: resolve_resume runs before the trainer
 # imports torch, so that a wrong path fails in a fraction of a second.
@@ -149,10 +148,9 @@ def _flatten(d: dict, prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def config_differences(saved: dict, current: dict, defaults: Optional[dict] = None) -> List[str]:
-    """``key: checkpoint X, now Y`` for each key that matters and differs. A key the checkpoint lacks
-    (written before the option existed) counts as its value in ``defaults``."""
-    a, b = {**_flatten(defaults or {}), **_flatten(saved)}, _flatten(current)
+def config_differences(saved: dict, current: dict) -> List[str]:
+    """``key: checkpoint X, now Y`` for each key that matters and differs."""
+    a, b = _flatten(saved), _flatten(current)
     keys = [k for k in sorted(set(a) | set(b)) if k in MUST_MATCH or k.split(".")[0] in MUST_MATCH_SECTIONS]
     return [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
@@ -160,7 +158,7 @@ def config_differences(saved: dict, current: dict, defaults: Optional[dict] = No
 def check_compatible(ckpt: dict, config: dict, world: int, path: Path, packed: bool = False) -> None:
     """ResumeError unless ``config`` on ``world`` ranks can continue ``ckpt``. Another world size is
     fine when the run fixes its global batch (``data.global_batch_size``), for loose files."""
-    problems = config_differences(ckpt["config"], config, asdict(Config()))
+    problems = config_differences(ckpt["config"], config)
     elastic = config["data"].get("global_batch_size", 0) > 0
     if ckpt["world_size"] != world:
         problems = [p for p in problems if not (elastic and p.startswith("data.batch_size:"))]
