@@ -20,10 +20,13 @@ from typing import List
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="run recipe (YAML), e.g. pipelines/demo-cpu.yaml")
+    from dali_ba.dataset import expand_path
+
+    parser.add_argument("--config", required=True, type=expand_path,
+                        help="run recipe (YAML), e.g. pipelines/demo-cpu.yaml")
     parser.add_argument("--nproc", type=int, default=1, metavar="N",
                         help="processes on this machine (N > 1: torchrun --standalone; default 1)")
-    parser.add_argument("--resume", default=None, metavar="PATH",
+    parser.add_argument("--resume", default=None, metavar="PATH", type=expand_path,
                         help="auto | none | a run directory | a checkpoint file (same as train.resume=PATH)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=1")
 

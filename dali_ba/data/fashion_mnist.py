@@ -258,7 +258,9 @@ def prepare_fashion_mnist(out: str | os.PathLike, source: str | os.PathLike | No
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", help="output folder (gets train/ and val/)")
+    from dali_ba.dataset import expand_path
+
+    parser.add_argument("out", type=expand_path, help="output folder (gets train/ and val/)")
     parser.add_argument("--source", default=None,
                         help=f"folder with the 4 idx .gz files (default: {SYSTEM_DIR}, the cache, "
                              "or apt-get download)")

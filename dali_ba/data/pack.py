@@ -260,9 +260,14 @@ def _write_shards(output, dataset, label_map: list[int], split: str, shard_bytes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="ImageFolder root (SRC/<class>/<image>) or the root of --file-list")
-    parser.add_argument("out", help="output folder or s3://bucket/prefix (shards, indexes, dataset.json)")
-    parser.add_argument("--file-list", default=None, help="pack the files of a 'relative/path label' list under SRC")
+    from dali_ba.dataset import expand_path
+
+    parser.add_argument("src", type=expand_path,
+                        help="ImageFolder root (SRC/<class>/<image>) or the root of --file-list")
+    parser.add_argument("out", type=expand_path,
+                        help="output folder or s3://bucket/prefix (shards, indexes, dataset.json)")
+    parser.add_argument("--file-list", default=None, type=expand_path,
+                        help="pack the files of a 'relative/path label' list under SRC")
     parser.add_argument("--split", default="train",
                         help="split name, the shards' prefix (default: %(default)s); several splits share OUT")
     parser.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, metavar="SIZE",

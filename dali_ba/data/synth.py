@@ -143,7 +143,9 @@ def make_synthetic_imagefolder(out: str | os.PathLike, images: int, classes: int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", help="output folder (gets train/ and, with --val-images, val/)")
+    from dali_ba.dataset import expand_path
+
+    parser.add_argument("out", type=expand_path, help="output folder (gets train/ and, with --val-images, val/)")
     parser.add_argument("--images", type=int, required=True, help="training images in total")
     parser.add_argument("--classes", type=int, required=True, help="number of class folders")
     parser.add_argument("--val-images", type=int, default=0, help="validation images (default 0)")
