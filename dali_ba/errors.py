@@ -26,6 +26,10 @@ class DecodeError(UserError, RuntimeError):
         self.bad_files = list(bad_files or [])
 
 
+class LoaderOutOfMemory(UserError, MemoryError):
+    """DALI ran out of host or GPU memory while loading; the message names the batch shape."""
+
+
 class LoaderStateError(UserError, ValueError):
     """A saved loader state does not fit this loader (another dataset shard, batch, seed, or
     graph settings DALI cannot restore into); the message says what differs."""

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from dali_ba.errors import UserError
 
-PROBE_BYTES = 64 * 1024  # enough to need a data block on any filesystem
+PROBE_BYTES = 4096  # one block: a write that needs space on the disk
 
 
 def _nearest_existing(path: Path) -> Path:

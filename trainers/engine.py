@@ -20,6 +20,7 @@ from trainers import dist as tdist
 from trainers.config import Config
 from trainers.diagnostics import GradNoiseMonitor
 from trainers.models import build_model
+from trainers.nonfinite import NonFiniteGuard
 from trainers.optim import build_optimizer, set_lr
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,10 +63,12 @@ class Engine:
     eager_loss_fn: Callable
     eval_net: nn.Module
     memory_format: torch.memory_format
+    guard: NonFiniteGuard
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, lr: float, step: int
              ) -> Tuple[torch.Tensor, Optional[Dict[str, float]]]:
         """One optimizer step on an M·B batch: (the mean loss as a device tensor, diagnostics or None)."""
+        self.guard.begin(self.model)  # a non-finite step puts BatchNorm's statistics back (nonfinite.py)
         set_lr(self.optimizer, lr)
         diagnose = self.monitor.due(step)
         if diagnose:
@@ -79,8 +82,7 @@ class Engine:
             if self.scaler.is_enabled():
                 self.scaler.unscale_(self.optimizer)
             diag = self.monitor.measure(self.ddp, self.env)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.guard.step(self.optimizer, self.scaler, loss, step)  # skips a non-finite update (nonfinite.py)
         self.optimizer.zero_grad(set_to_none=True)
         return loss, diag
 
@@ -116,5 +118,6 @@ def build_engine(cfg: Config, env: tdist.DistEnv, num_classes: int) -> Engine:
     def eager_loss_fn(x, y):
         return loss_fn(x, y, net=ddp)
 
+    guard = NonFiniteGuard(env.device, env.distributed)
     return Engine(cfg, env, model, ddp, optimizer, scaler, monitor, autocast, loss_fn, eager_loss_fn,
-                  torch.compile(model) if cfg.train.compile else model, fmt)
+                  torch.compile(model) if cfg.train.compile else model, fmt, guard)

@@ -269,6 +269,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dali_ba.outputs import check_output_dir
+
+    check_output_dir(args.out, "OUT")
     for flag in ("limit_train", "limit_val"):
         value = getattr(args, flag)
         if value is not None and value < 1:

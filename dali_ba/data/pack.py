@@ -294,7 +294,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_pixels is not None and args.max_pixels < 0:
+    if args.shuffle_seed < 0:
+        raise UserError(f"--shuffle-seed: expected a value >= 0; got {args.shuffle_seed}")
+    if args.max_pixels is not None and not args.max_pixels >= 0:  # also NaN
         raise UserError(f"--max-pixels: expected a value >= 0; got {args.max_pixels:g}")
     result = pack(args.src, args.out, split=args.split, file_list=args.file_list, shard_size=args.shard_size,
                   max_side=args.max_side, quality=args.quality, workers=args.workers,
