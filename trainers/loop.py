@@ -307,7 +307,7 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal, lock: RunLock | None 
             summary = f"done: step {step}/{lr_at.total_steps} (epoch {step / steps_per_epoch:.2f})"
             skipped = int(engine.guard.count())
             if skipped:
-                summary += f"; {skipped} step(s) whose loss was not finite were skipped (train.nonfinite_limit)"
+                summary += f"; {skipped} step(s) that were not finite were skipped (train.nonfinite_limit)"
             if last_eval is not None:
                 e = last_eval
                 summary += f"; val_top1 {e['val_top1']:.2f}%, val_top5 {e['val_top5']:.2f}% on {e['val_images']} images"

@@ -31,32 +31,37 @@ class NonFiniteGuard:
         self._count = torch.zeros((), dtype=torch.float64, device=device)  # non-finite steps seen
         self._first = torch.full((2,), math.nan, dtype=torch.float64, device=device)  # (step, loss) of the first
         self._ready = False
-        self._buffers: List[torch.Tensor] = []
-        self._saved: Optional[torch.Tensor] = None
+        self._buffers: List[List[torch.Tensor]] = []  # the model's buffers, grouped by dtype
+        self._saved: Optional[List[torch.Tensor]] = None
 
     def begin(self, model: torch.nn.Module) -> None:
-        """Before the step's first forward pass: keep the floating-point buffers (BatchNorm's running
-        statistics), one flat copy on the device."""
-        self._buffers = [b for b in model.buffers() if b.is_floating_point()]
-        self._saved = torch.cat([b.detach().flatten() for b in self._buffers]) if self._buffers else None
+        """Before the step's first forward pass: keep the buffers (BatchNorm's running statistics and
+        counters), one flat copy per dtype on the device."""
+        groups: dict = {}
+        for b in model.buffers():
+            groups.setdefault(b.dtype, []).append(b)
+        self._buffers = list(groups.values())
+        self._saved = [torch.cat([b.detach().flatten() for b in group]) for group in self._buffers]
 
-    def _put_back(self, bad: torch.Tensor, now: Optional[torch.Tensor]) -> None:
+    def _now(self) -> List[torch.Tensor]:
+        return [torch.cat([b.detach().flatten() for b in group]) for group in self._buffers] if self._saved else []
+
+    def _put_back(self, bad: torch.Tensor, now: List[torch.Tensor]) -> None:
         """The kept buffers again where ``bad`` (a device flag): a skipped step leaves no statistics behind."""
-        if now is None or self._saved is None:
-            return
-        chosen = torch.where(bad, self._saved, now)
-        sizes = [b.numel() for b in self._buffers]
-        torch._foreach_copy_(self._buffers, [c.view_as(b) for c, b in zip(torch.split(chosen, sizes), self._buffers)])
+        for group, saved, current in zip(self._buffers, self._saved or [], now):
+            chosen = torch.split(torch.where(bad, saved, current), [b.numel() for b in group])
+            torch._foreach_copy_(group, [c.view_as(b) for c, b in zip(chosen, group)])
         self._saved = None
 
     def step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor,
              step: int) -> None:
         """``scaler.step(optimizer)`` and ``scaler.update()``, unless the step is not finite (then the
         buffers kept by ``begin`` are put back too)."""
-        now = torch.cat([b.detach().flatten() for b in self._buffers]) if self._saved is not None else None
+        now = self._now()
         bad = ~torch.isfinite(loss.detach())  # this rank's loss and statistics
-        if now is not None:
-            bad = bad | ~torch.isfinite(now).all()
+        for values in now:
+            if values.is_floating_point():
+                bad = bad | ~torch.isfinite(values).all()
         if scaler.is_enabled():  # fp16: the scaler checks the (all-reduced) gradients itself
             self._record(bad, loss, step)
             self._put_back(bad, now)

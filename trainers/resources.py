@@ -73,5 +73,6 @@ def out_of_memory(exc: BaseException, cfg, where: str, lost: str) -> OutOfMemory
     first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
     if len(first) > 160:
         first = first[:160] + "..."
-    return OutOfMemory(f"out of memory {where} ({type(exc).__name__}: {first}) with {describe_batch(cfg)}; {lost}; "
-                       f"{hint(cfg)}")
+    where = f" {where}" if where else ""
+    return OutOfMemory(f"out of memory{where} ({type(exc).__name__}: {first}) with {describe_batch(cfg)}; "
+                       f"{lost}; {hint(cfg)}")
