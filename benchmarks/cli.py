@@ -166,6 +166,10 @@ def run_loader(args: argparse.Namespace) -> int:
 
     check_writable(args.json, "--json")
     check_writable(args.plot, "--plot", suffixes=PLOT_SUFFIXES)
+    from dali_ba.outputs import inside
+
+    if args.plot and inside(args.plot, args.root):  # an image in a class folder would become training data
+        raise UserError(f"--plot {args.plot}: inside --root {args.root}; write the plot elsewhere")
     settings = settings_from_args(args)
     if args.plot:
         try:

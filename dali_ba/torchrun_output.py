@@ -33,13 +33,17 @@ class ReportFilter:
         self._block: Optional[List[bytes]] = None  # a traceback, until its last line says whose it is
         self._after_report = False  # torchrun's traceback was seen: the rest is its report
         self._mid_line = False  # the start of the current line was already forwarded
+        self._sink_lost = False
         self._thread = threading.Thread(target=self._pump, name="torchrun-stderr", daemon=True)
         self._thread.start()
 
     def _write(self, data: bytes) -> None:
-        if data:
-            self.sink.write(data)
-            self.sink.flush()
+        if data and not self._sink_lost:
+            try:
+                self.sink.write(data)
+                self.sink.flush()
+            except OSError:  # the terminal hung up: keep reading, or the ranks would block on a full pipe
+                self._sink_lost = True
 
     def _pump(self) -> None:
         fd = self.source.fileno()
@@ -87,14 +91,15 @@ class ReportFilter:
         else:
             self._write(line)
 
-    def finish(self, returncode: int, interrupted: bool = False) -> int:
-        """Wait for the end of the output; the exit status to report (torchrun's, or the ranks')."""
+    def finish(self, returncode: int, interrupted: int = 0) -> int:
+        """Wait for the end of the output; the exit status to report (torchrun's, or the ranks').
+        ``interrupted``: the signal (SIGINT, SIGHUP) this launcher saw, if any."""
         self._thread.join()
         report = b"".join(self.held)
         codes = [int(c) for c in _EXIT_CODE.findall(report.split(b"Root Cause", 1)[-1])]
         root = codes[0] if codes else None
         if returncode != 0 and interrupted:
-            return 130
+            return 128 + interrupted
         if returncode != 0 and root in QUIET_CODES:
             return root
         self._write(report)

@@ -6,10 +6,11 @@ are config overrides, applied in order (the last word wins). The config is first
 ``python -m trainers.train --check`` (no torch import, well under a second), so a mistake is one
 line and exit 2 once, not once per rank under torchrun. This module never imports ``trainers``:
 the trainer is a consumer of dali_ba, not part of it. SIGTERM/SIGUSR1 are forwarded to the child, so
-pre-emption reaches the training processes (SIGINT is not: a terminal's Ctrl-C already reaches the
-child, which is in the same process group); the exit code is the child's. Under torchrun, a user
-error or a Ctrl-C that the ranks handled (exit 2 or 130) ends with the ranks' one line, without
-torchrun's own failure report (``torchrun_output``); the exit code is then the ranks'.
+pre-emption reaches the training processes (SIGINT and SIGHUP are not: a terminal's Ctrl-C or
+hang-up already reaches the child, which is in the same process group); the exit code is the
+child's. Under torchrun, a user error or a Ctrl-C that the ranks handled (exit 2 or 130) ends with
+the ranks' one line, without torchrun's own failure report (``torchrun_output``); the exit code is
+then the ranks'.
 """
 from __future__ import annotations
 
@@ -63,8 +64,11 @@ def run(args: argparse.Namespace) -> int:
     previous = {
         s: signal.signal(s, lambda signum, frame: child.send_signal(signum)) for s in (signal.SIGTERM, signal.SIGUSR1)
     }
-    # A terminal's Ctrl-C already reaches the child (same process group): noted here, not forwarded.
-    previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    # A terminal's Ctrl-C or hang-up already reaches the child (same process group): noted here, not
+    # forwarded, and this process waits for the child to save (a hang-up under nohup stays ignored).
+    for s in (signal.SIGINT, signal.SIGHUP):
+        if signal.getsignal(s) is not signal.SIG_IGN:
+            previous[s] = signal.signal(s, lambda signum, frame: interrupted.append(signum))
     try:
         if not torchrun:
             return child.wait()
@@ -72,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
         report = ReportFilter(child.stderr, sys.stderr.buffer)
         code = child.wait()
-        return report.finish(code, interrupted=bool(interrupted))
+        return report.finish(code, interrupted=interrupted[0] if interrupted else 0)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

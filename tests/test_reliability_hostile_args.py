@@ -129,6 +129,7 @@ def test_output_paths_that_cannot_be_written(base, data, tmp_path):
         "bench --json under a file": ([*bench, "--json", f"{a_file}/r.json"], "is a file"),
         "bench --json where nothing can be written": ([*bench, "--json", "/proc/r.json"], "cannot write in /proc"),
         "bench --plot not a plot format": ([*bench, "--plot", str(tmp_path / "p.txt")], "expected a file name"),
+        "bench --plot into the training images": ([*bench, "--plot", f"{train}/class_0/p.png"], "inside --root"),
         "bench --warmup": ([*bench, "--warmup", "-5"], "--warmup"),
         "bench --min-seconds nan": ([*bench, "--min-seconds", "nan"], "--min-seconds"),
         "bench --seed": ([*bench, "--seed", "-1"], "--seed"),

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -181,6 +183,56 @@ def test_a_second_ctrl_c_stops_at_once_but_the_same_one_seen_twice_does_not(tmp_
     assert done.stderr.count("interrupted (SIGINT)") == 1
 
 
+def _on_a_terminal(command: list, ignore_hangup: bool) -> tuple:
+    """``command`` in its own session whose controlling terminal is a new pty; (process, pty master)."""
+    master, slave = pty.openpty()
+    name = os.ttyname(slave)
+
+    def child():
+        os.setsid()
+        fd = os.open(name, os.O_RDWR)  # the session's controlling terminal
+        for target in (0, 1, 2):
+            os.dup2(fd, target)
+        if ignore_hangup:  # what nohup does
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    proc = subprocess.Popen(command, cwd=REPO, env=ENV, preexec_fn=child)
+    os.close(slave)
+    threading.Thread(target=lambda: _drain(master), daemon=True).start()
+    return proc, master
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 65536):
+            pass
+    except OSError:
+        pass
+
+
+@pytest.mark.parametrize("nohup", [False, True])
+def test_closing_the_terminal_saves_a_checkpoint_unless_the_run_ignores_it(data, tmp_path, nohup):
+    """An ssh session that drops hangs up the terminal: the kernel sends SIGHUP, and every later write
+    to the terminal fails. The run saves and exits 129; under nohup it trains on."""
+    out = tmp_path / "run"
+    config = write_yaml(tiny(data, out, train={"epochs": 1000, "max_steps": 400}), tmp_path / "run.yaml")
+    proc, master = _on_a_terminal([*TRAIN, "--config", str(config)], ignore_hangup=nohup)
+    try:
+        wait_for(lambda: train_lines(out) >= 3, proc)
+        os.close(master)  # the terminal goes away
+        if nohup:
+            seen = train_lines(out)
+            wait_for(lambda: train_lines(out) >= seen + 3, proc)  # still training
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == (0 if nohup else 129)
+    event = read_metrics(out / "metrics.jsonl", "event")[-1]
+    assert (event["event"], event["signal"]) == (("preempted", "SIGTERM") if nohup else ("interrupted", "SIGHUP"))
+    assert last_checkpoint(out)["step"] == event["step"] >= 3
+
+
 # ----------------------------------------------------------------------------------- one run per folder
 def test_a_second_run_on_the_same_out_dir_is_refused_and_a_dead_holder_blocks_nobody(data, tmp_path):
     out = tmp_path / "run"
@@ -293,3 +345,13 @@ def test_the_last_override_wins_end_to_end(data, tmp_path):
         saved = json.loads(json.dumps(ckpt.load(out / "checkpoints" / ckpt.LAST)["config"]))
         assert saved["data"]["num_views"] == 2, name
         assert config_from_dict({}, [f"data.train_root={data}"]).data.num_views == 4  # the default stays 4
+
+
+def test_bench_train_takes_overrides_on_both_sides_of_its_options(data, tmp_path):
+    config = write_yaml(tiny(data, tmp_path / "unused"), tmp_path / "bench.yaml")
+    record = tmp_path / "bench.json"
+    done = subprocess.run([*CLI, "bench", "train", "--config", str(config), "data.num_views=3", "--steps", "1",
+                           "--rounds", "1", "--warmup", "0", "data.num_views=2", "--json", str(record)], cwd=REPO,
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(record.read_text())["config"]["data"]["num_views"] == 2

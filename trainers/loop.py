@@ -240,7 +240,7 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal, lock: RunLock | None 
                     "; data.prefetch and data.num_threads may change on resume") if oom else "")
             if agree[1] > 0 or agree[2] > 0:  # the fetched batch is not trained on: the checkpoint resumes with it
                 interrupted = agree[2] > 0
-                preempted = stop.received or ("SIGINT" if interrupted else "signal") + " on another rank"
+                preempted = stop.received or ("SIGINT" if interrupted else "a signal") + " on another rank"
                 save([last_pt], resume_state)
                 break
             images, labels = (t.to(env.device, non_blocking=True) for t in batch)
@@ -295,7 +295,7 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal, lock: RunLock | None 
             print(f"trainers.train: interrupted ({preempted}) at step {step}: checkpoint saved in {last_pt.parent}; "
                   "run the same command again to resume", file=sys.stderr, flush=True)
         log.close()
-        return INTERRUPTED_EXIT
+        return stop.exit_code if stop.interrupted else INTERRUPTED_EXIT
     if preempted:
         log.log("event", step, step / steps_per_epoch, event="preempted", signal=preempted)
         if env.is_main:
