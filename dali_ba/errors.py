@@ -29,6 +29,25 @@ class DecodeError(UserError, RuntimeError):
 class LoaderOutOfMemory(UserError, MemoryError):
     """DALI ran out of host or GPU memory while loading; the message names the batch shape."""
 
+    @staticmethod
+    def matches(exc: BaseException) -> bool:
+        text = str(exc).lower()
+        return any(w in text for w in ("bad_alloc", "out of memory", "cudaerrormemoryallocation",
+                                       "can't allocate memory"))
+
+    @classmethod
+    def of(cls, loader, exc: BaseException, reason: str) -> "LoaderOutOfMemory":
+        """The error for ``loader`` (a BatchAugmentLoader or EvalLoader) whose DALI pipeline failed with ``exc``."""
+        import re
+
+        views = getattr(loader, "num_views", getattr(loader, "views", 1))
+        size = loader.batch_size * views * 3 * loader.image_size ** 2 * (2 if loader.dtype == "float16" else 4)
+        operator = re.search(r"operator `([^`]+)`", str(exc))
+        return cls(f"DALI ran out of memory{f' in {operator.group(1)}' if operator else ''} ({reason}) loading a batch "
+                   f"of {loader.batch_size} images × {views} view(s) of {loader.image_size}×{loader.image_size} px "
+                   f"({size / 1e9:.3g} GB as {loader.dtype}, up to {loader.prefetch + 1} such batches in flight); "
+                   "lower batch_size, num_views, image_size or prefetch")
+
 
 class LoaderStateError(UserError, ValueError):
     """A saved loader state does not fit this loader (another dataset shard, batch, seed, or

@@ -10,7 +10,6 @@ copied out of DALI's buffers (``buffers.ReusedBuffers``), so a batch may be kept
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, fields
 from typing import ClassVar, Iterator, Optional, Sequence, Tuple
 
@@ -92,19 +91,9 @@ class _DaliLoader(PipelineOptions):
             raise RuntimeError("the DALI pipeline ended its epoch early") from None
         except RuntimeError as exc:
             self._close(failed=True)
-            if _out_of_memory(exc):  # not the files' fault: no culprit search
-                raise self._out_of_memory(exc) from None
+            if LoaderOutOfMemory.matches(exc):  # not the files' fault: no culprit search
+                raise LoaderOutOfMemory.of(self, exc, _dali_message(exc)) from None
             raise self._decode_error(exc, suspects) from None
-
-    def _out_of_memory(self, exc: Exception) -> LoaderOutOfMemory:
-        views = getattr(self, "num_views", getattr(self, "views", 1))
-        size = self.batch_size * views * 3 * self.image_size ** 2 * (2 if self.dtype == "float16" else 4)
-        operator = re.search(r"operator `([^`]+)`", str(exc))
-        where = f" in {operator.group(1)}" if operator else ""
-        return LoaderOutOfMemory(
-            f"DALI ran out of memory{where} ({_dali_message(exc)}) loading a batch of {self.batch_size} images × "
-            f"{views} view(s) of {self.image_size}×{self.image_size} px ({size / 1e9:.3g} GB as {self.dtype}, "
-            f"up to {self.prefetch + 1} such batches in flight); lower batch_size, num_views, image_size or prefetch")
 
     def _end_epoch(self, spare: int = 0) -> None:
         """Take the pipeline's end of epoch: the iterator resets it and starts prefetching the next.
@@ -405,11 +394,6 @@ class EvalLoader(_DaliLoader):
                 self._end_epoch()
                 self._complete = True
             yield (images[:, 0] if self.views == 1 else images), labels
-
-
-def _out_of_memory(exc: Exception) -> bool:
-    text = str(exc).lower()
-    return any(w in text for w in ("bad_alloc", "out of memory", "cudaerrormemoryallocation", "can't allocate memory"))
 
 
 def _dali_message(exc: Exception) -> str:

@@ -84,8 +84,8 @@ def check_free_space(folder: str | os.PathLike, needed: int, what: str) -> None:
     existing = _nearest_existing(Path(folder))
     free = shutil.disk_usage(existing).free
     if free < needed:
-        raise UserError(f"{what}: {free / 1e6:.1f} MB free on the disk of {existing}, {needed / 1e6:.1f} MB needed; "
-                        "free some space or choose another folder")
+        raise UserError(f"{what}: {free / 1e6:,.1f} MB free on the disk of {existing}, {needed / 1e6:,.1f} MB "
+                        "needed; free some space or choose another folder")
 
 
 def inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:

@@ -362,6 +362,7 @@ def test_a_file_whose_decode_kills_the_decode_process_twice_is_named(tmp_path):
     (as a real DALI segmentation fault would), and no decode process is left behind."""
     from dali_ba.data.verify import decode_check_one
 
+    others = set(_children(os.getpid()))  # e.g. the session's S3 server, started by an earlier test
     path = tmp_path / "big.jpg"
     ramp = np.linspace(0, 255, 6000, dtype=np.float32)
     Image.fromarray(np.repeat((np.add.outer(ramp, ramp) / 2).astype(np.uint8)[:, :, None], 3, axis=2)).save(path)
@@ -379,7 +380,7 @@ def test_a_file_whose_decode_kills_the_decode_process_twice_is_named(tmp_path):
     assert len(killed) == 2, f"killed {len(killed)} decode processes"
     assert result[0].startswith("DALI crashed while decoding it") and "SIGKILL" in result[0], result
     assert decode_check_one(str(path)) is None  # a later check starts afresh
-    assert not _children(os.getpid())
+    assert set(_children(os.getpid())) <= others
 
 
 def test_a_decode_that_does_not_answer_in_time_is_stopped_and_named(tmp_path, monkeypatch):
@@ -388,12 +389,13 @@ def test_a_decode_that_does_not_answer_in_time_is_stopped_and_named(tmp_path, mo
     from dali_ba.data import decode_worker
     from dali_ba.data.verify import decode_check_one
 
+    others = set(_children(os.getpid()))  # e.g. the session's S3 server, started by an earlier test
     _rgb(0).save(tmp_path / "ok.jpg")
     monkeypatch.setattr(decode_worker, "DECODE_TIMEOUT_S", 0.0)
     monkeypatch.setattr(decode_worker, "DECODE_TIMEOUT_S_PER_MB", 0.0)
     reason = decode_check_one(str(tmp_path / "ok.jpg"))
     assert reason.startswith("DALI did not finish decoding it within 0 s"), reason
-    assert not _children(os.getpid())
+    assert set(_children(os.getpid())) <= others
 
 
 @pytest.mark.parametrize("augment", ["imagenet", "cifar"])

@@ -128,6 +128,7 @@ def test_only_regular_files_are_images(tmp_path):
     (["/etc/passwd 0"], "is an absolute path"),
     (["alpha/000.jpg -1"], "expected 'relative/path label'"),
     (["alpha/000.jpg 1e3"], "expected 'relative/path label'"),
+    (["alpha/000.jpg \u0663"], "expected 'relative/path label'"),  # an Arabic-Indic 3: int() reads it
 ])
 def test_a_file_list_that_contradicts_itself_or_the_classes_is_one_line(tmp_path, lines, message):
     train = greek(tmp_path / "train", per_class=2)

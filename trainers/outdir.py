@@ -37,9 +37,9 @@ def check(cfg) -> Path:
 def take(cfg, lock: RunLock, checkpoint_bytes: int) -> Path:
     """Rank 0: lock ``out_dir`` and make it ready; UserError if it cannot be used."""
     out = check(cfg)
+    check_free_space(out, 3 * checkpoint_bytes + SLACK_BYTES, f"train.out_dir {out} (checkpoints of about "
+                     f"{checkpoint_bytes / 1e3:,.0f} kB)")
     lock.acquire()
-    check_free_space(out, 3 * checkpoint_bytes + SLACK_BYTES,
-                     f"train.out_dir {out} (checkpoints of {checkpoint_bytes / 1e6:.1f} MB)")
     ckpt.remove_stale_temporaries(ckpt.checkpoint_dir(out))  # left by a process killed mid-write
     try:
         save_config(cfg, out / "config.yaml")
