@@ -355,3 +355,39 @@ def test_bench_train_takes_overrides_on_both_sides_of_its_options(data, tmp_path
                           env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(record.read_text())["config"]["data"]["num_views"] == 2
+
+
+TORCHRUN_FAILURE = (
+    "[rank 0] trainers.train: error: cannot resume from X\n"
+    "E1202 08:43:13.400000 23972 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: {code}) "
+    "local_rank: 0 (pid: 24013) of binary: python\n"
+    "Traceback (most recent call last):\n  File \"run.py\", line 1142, in <module>\n    main()\n"
+    "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n====\ntrainers.train FAILED\n"
+    "Root Cause (first observed failure):\n[0]:\n  rank      : 0 (local_rank: 0)\n  exitcode  : {code} (pid: 1)\n====\n"
+)
+
+
+@pytest.mark.parametrize("code, shown", [(2, False), (130, False), (-11, True), (1, True)])
+def test_torchruns_own_report_is_dropped_only_after_a_user_error_or_an_interrupt(code, shown):
+    """The launcher's filter on torchrun's stderr: the ranks' lines and a progress bar pass through
+    at once; torchrun's report is held, dropped for exit status 2 or 130, shown for a crash."""
+    import io
+
+    from dali_ba.torchrun_output import ReportFilter
+
+    read, write = os.pipe()
+    sink = io.BytesIO()
+    report = ReportFilter(os.fdopen(read, "rb"), sink)
+    os.write(write, b"\rtrain:  50%|#####")  # a progress bar's redraw, no line end yet
+    deadline = time.monotonic() + 10
+    while b"train:  50%" not in sink.getvalue():
+        assert time.monotonic() < deadline, "a partial line was held back"
+        time.sleep(0.01)
+    os.write(write, b"\rtrain: 100%\n")
+    os.write(write, b"Traceback (most recent call last):\n  File \"x.py\"\nValueError: a bug in a rank\n")
+    os.write(write, TORCHRUN_FAILURE.format(code=code).encode())
+    os.close(write)
+    assert report.finish(1) == (1 if shown else code)
+    out = sink.getvalue().decode()
+    assert "ValueError: a bug in a rank" in out and "[rank 0] trainers.train: error" in out
+    assert ("ChildFailedError" in out and "failed (exitcode" in out) == shown

@@ -91,7 +91,8 @@ class NonFiniteGuard:
         if not optimizer.defaults.get("fused"):
             return False
         if not self._ready:
-            self._ready = all(optimizer.state.get(p) for g in optimizer.param_groups for p in g["params"])
+            self._ready = all(optimizer.state.get(p) for g in optimizer.param_groups for p in g["params"]
+                              if p.requires_grad)
         return self._ready
 
     def _record(self, bad: torch.Tensor, loss: torch.Tensor, step: int) -> None:
