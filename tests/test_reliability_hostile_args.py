@@ -227,7 +227,7 @@ def test_a_data_mistake_found_by_the_ranks_is_said_once_under_nproc(base, data, 
     assert subprocess.run([*TRAIN, "--config", str(config)], cwd=REPO, env=ENV, capture_output=True,
                           timeout=300).returncode == 0
     done = subprocess.run([*CLI, "train", "--config", str(config), "--nproc", "2", "train.max_steps=2"], cwd=REPO,
-                          env=ENV, capture_output=True, text=True, timeout=300)
+                          env={**ENV, "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=300)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2, done.stderr[-3000:]
     assert len(lines) == 1 and "world size: checkpoint 1, now 2" in lines[0], done.stderr[-3000:]

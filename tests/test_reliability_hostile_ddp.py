@@ -27,6 +27,11 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 CLI = [sys.executable, "-m", "dali_ba.cli"]
 
 
+def env_in(tmp_path: Path) -> dict:
+    """The environment, with temporary files (torchrun's log folders) kept under ``tmp_path``."""
+    return {**ENV, "TMPDIR": str(tmp_path)}
+
+
 def error_lines(stderr: str) -> list:
     return [line for line in stderr.splitlines() if line.strip() and not line.lstrip("\r").startswith("train:")]
 
@@ -35,7 +40,7 @@ def test_ctrl_c_under_nproc_2_saves_once_and_exits_130(data, tmp_path):
     out = tmp_path / "run"
     config = write_yaml(tiny(data, out, train={"epochs": 1000, "max_steps": 400}, data={"batch_size": 4}),
                         tmp_path / "run.yaml")
-    proc = subprocess.Popen([*CLI, "train", "--config", str(config), "--nproc", "2"], cwd=REPO, env=ENV,
+    proc = subprocess.Popen([*CLI, "train", "--config", str(config), "--nproc", "2"], cwd=REPO, env=env_in(tmp_path),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
@@ -60,7 +65,7 @@ def test_a_nan_loss_under_nproc_2_stops_both_ranks_with_one_line(data, tmp_path)
     out = tmp_path / "run"
     config = write_yaml(tiny(data, out, optim={"lr": 1e5, "reference_batch": 8}, train={"amp": "fp16"}),
                         tmp_path / "run.yaml")
-    done = subprocess.run([*CLI, "train", "--config", str(config), "--nproc", "2"], cwd=REPO, env=ENV,
+    done = subprocess.run([*CLI, "train", "--config", str(config), "--nproc", "2"], cwd=REPO, env=env_in(tmp_path),
                           capture_output=True, text=True, timeout=300)
     lines = error_lines(done.stderr)
     assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
