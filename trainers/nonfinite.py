@@ -69,7 +69,9 @@ class NonFiniteGuard:
             scaler.update()
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        bad_grads = ~torch.isfinite(torch.stack(torch._foreach_norm(grads, math.inf)).max()) if grads \
+        # One fused pass: a NaN or an inf makes its tensor's norm NaN or inf (so does a gradient so large,
+        # above ~1e19, that its square overflows: such a step would wreck the weights anyway).
+        bad_grads = ~torch.isfinite(torch.stack(torch._foreach_norm(grads, 2.0)).sum()) if grads \
             else torch.zeros((), dtype=torch.bool, device=loss.device)
         self._record(bad | bad_grads, loss, step)
         self._put_back(bad | bad_grads, now)
