@@ -1,5 +1,6 @@
 # The two commands of the README: `make demo` and `make test`. Each creates .venv when
 # missing and installs the project with the pinned versions of constraints.txt.
+# `make gpu-check` installs nothing: it runs from this source tree (docs/gpu.md).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_DATA ?= data/fashion-mnist
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint clean gpu-check
 
 # torch + torchvision + DALI take 6.6 GB in the venv; check first, so a full disk fails
 # with a message instead of pip's OSError half-way through the install (skipped once torch is in).
@@ -39,6 +40,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -m "not slow"
+
+# The GPU path in one run of at most 8 minutes on one GPU (docs/gpu.md): no install, no network;
+# the venv's Python when there is one, else python3 (e.g. a GPU machine's own, DALI carried there).
+# Exit 2 with one line where there is no GPU. GPU_CHECK_ARGS: e.g. --steps tests,loader.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	@PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

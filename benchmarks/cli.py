@@ -71,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto (default): cuda when a GPU is visible")
     loader.add_argument("--hw-decoder-load", type=_float_list, default=None,
                         help="GPU only: DALI hw_decoder_load values to sweep, e.g. 0.12,0.4,0.65")
+    loader.add_argument("--trivial-augment", action="store_true",
+                        help="TrivialAugment-Wide in every view (DALI recipe variants only)")
     loader.add_argument("--seed", type=int, default=0)
     loader.add_argument("--json", default=None, help="write the results here")
     loader.add_argument("--plot", default=None, help="write a PNG plot here")
@@ -145,6 +147,10 @@ def settings_from_args(args: argparse.Namespace):
             raise UserError(f"--variants {variant} needs {flag}")
     if args.epoch_images and (args.packed or args.packed_s3):
         raise UserError("--epoch-images reads a subset of --root; a packed dataset is read whole: pack the subset")
+    foreign = [v for v in variants if v in ("torchvision", "dali-rn50")]
+    if args.trivial_augment and foreign:
+        raise UserError(f"--trivial-augment is an option of our DALI recipe; {', '.join(foreign)} would run without "
+                        "it and not be comparable (drop them from --variants)")
     defaults = DEFAULTS[device]
     return LoaderBenchSettings(
         root=str(Path(args.root).expanduser()), views=args.views, variants=variants, batch_size=args.batch_size,
@@ -153,6 +159,7 @@ def settings_from_args(args: argparse.Namespace):
         min_seconds=args.min_seconds if args.min_seconds is not None else defaults["min_seconds"],
         image_size=args.image_size, device=device, hw_decoder_loads=args.hw_decoder_load or [0.65], seed=args.seed,
         epoch_images=args.epoch_images, packed=args.packed, packed_s3=args.packed_s3,
+        options={"trivial_augment": True} if args.trivial_augment else {},
     )
 
 

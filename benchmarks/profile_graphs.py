@@ -13,7 +13,7 @@ Graphs (imagenet recipe, 224 px, decode once, M views):
   (the first version of dali_ba).
 - ``u8_stack``: per view crop → flip in uint8, ``fn.stack`` of the uint8 crops, one normalise.
 - ``word_stack``: like ``u8_stack`` but the crops are stacked as 64-bit words (``reinterpret``
-  there and back) — what dali_ba did until 2026-11-26.
+  there and back) — an earlier dali_ba graph (benchmarks/README.md).
 - ``no_stack``: M separate float outputs (crop → normalise with mirror) — what dali_ba does now
   (``augment.train_views``; the loader's copy, which it makes anyway, assembles the M views).
 - ``word_stack_noaa``: ``word_stack`` with ``antialias=False`` (the explicit approximation).

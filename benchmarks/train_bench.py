@@ -34,11 +34,13 @@ def run_train_bench(cfg, steps: int, warmup: int, rounds: int, min_seconds: floa
 
     from dali_ba.loader import BatchAugmentLoader
     from trainers import dist as tdist
+    from trainers.config import for_world
     from trainers.engine import build_engine
     from trainers.host_memory import keep_freed_host_memory
 
     keep_freed_host_memory()  # as the trainer does, so the benchmark measures the same steps
     env = tdist.setup(cfg.train.dist_timeout_s)
+    cfg = for_world(cfg, env.world)  # data.global_batch_size → this world's B, as the trainer does
     torch.manual_seed(cfg.train.seed)
     loader = BatchAugmentLoader.from_config(cfg.data, seed=cfg.train.seed, channels_last=cfg.train.channels_last)
     classes = cfg.model.num_classes or len(loader.classes)

@@ -215,9 +215,9 @@ class BatchAugmentLoader(_DaliLoader):
         """Start the next ``for`` loop at batch ``step`` of ``epoch`` (like DistributedSampler).
 
         At the loader's own position this does nothing; elsewhere it drops the pipeline (its
-        prefetched batches belong elsewhere) and the next loop builds one there, skipping the
-        earlier batches without decoding them, with augmentation draws of its own (use
-        ``load_state_dict`` for a bit-exact resume)."""
+        prefetched batches belong elsewhere) and the next loop builds one there, with augmentation
+        draws of its own (use ``load_state_dict`` for a bit-exact resume). Loose files skip the
+        earlier batches without reading them; a packed dataset's reader reads and drops them."""
         if not 0 <= int(step) < self._steps:
             raise ValueError(f"step: expected 0 <= step < {self._steps} (steps per epoch); got {step}")
         if (int(epoch), int(step)) != self._position():
@@ -285,7 +285,7 @@ class BatchAugmentLoader(_DaliLoader):
                 "origin": list(self._origin), "dali_version": dali_version,
                 "seed": self.seed, "num_files": len(self.dataset), "batch_size": self.batch_size,
                 "num_views": self.num_views, "shard_id": self.shard_id, "num_shards": self.num_shards,
-            "graph": self._graph(decode_per_view=self.decode_per_view)}
+                "graph": self._graph(decode_per_view=self.decode_per_view)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where ``state`` was saved; LoaderStateError when that is not possible

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install dali-ba into an NVIDIA PyTorch (NGC) container WITHOUT replacing the container's torch.
 #
-#   docker/install-ngc.sh deps      # dali-ba's non-torch dependencies, and DALI (see DALI below)
-#   docker/install-ngc.sh package   # dali-ba itself (pip install --no-deps .), then a smoke check
+#   docker/install-ngc.sh deps              # dali-ba's non-torch dependencies and extras, and DALI
+#   docker/install-ngc.sh package           # dali-ba itself (pip install --no-deps .), then a smoke check
+#   docker/install-ngc.sh dali-requirement  # print the DALI wheel `deps` installs when the container
+#                                           # has none new enough (for $PYTHON's torch); installs nothing
 #
 # Run from the repository root (docker/Dockerfile does). Works the same outside Docker, inside a
 # running NGC container or an Enroot/Apptainer image of one.
@@ -14,6 +16,10 @@
 # under a constraint that freezes the container's torch/torchvision/numpy/pillow (plus NVIDIA's own
 # /etc/pip/constraint.txt, present since the 25.03 containers), and DALI is handled on its own.
 #
+# EXTRAS (environment variable): pyproject.toml's optional-dependency groups installed with the
+# dependencies, default "train plot s3" (the trainer, plots, s3:// datasets); their torch and
+# torchvision entries are left out: the container's own builds stay.
+#
 # DALI (environment variable, Dockerfile build arg of the same name):
 #   container (default)  keep the container's DALI when it is new enough (the minimum is read from
 #                        pyproject.toml); otherwise install nvidia-dali-cuda120 or -cuda130, matching
@@ -23,9 +29,11 @@
 #                        for this one install only).
 set -euo pipefail
 
-mode=${1:?usage: install-ngc.sh deps|package}
+usage="usage: install-ngc.sh deps|package|dali-requirement"
+mode=${1:?$usage}
 PY=${PYTHON:-python}
 DALI=${DALI:-container}
+EXTRAS=${EXTRAS:-train plot s3}
 pip_install=("$PY" -m pip install --no-cache-dir --disable-pip-version-check)
 
 keep=$(mktemp /tmp/dali-ba-keep.XXXXXX)
@@ -39,20 +47,27 @@ fi
 
 torch_line_before=$(grep -i '^torch==' "$keep" || true)
 
-# pyproject.toml's dependencies, split into "DALI minimum" and "everything that is not torch".
+# pyproject.toml's dependencies: "deps" (everything that is not torch, torchvision or DALI, plus
+# the optional groups named after it), or "dali-min" (DALI's minimum version).
 read_pyproject() {
-    "$PY" - "$1" <<'PYEOF'
+    "$PY" - "$@" <<'PYEOF'
 import re, sys
 try:
     import tomllib
 except ImportError:  # Python < 3.11: pip vendors a TOML reader
     from pip._vendor import tomli as tomllib
 with open("pyproject.toml", "rb") as f:
-    deps = tomllib.load(f)["project"]["dependencies"]
+    project = tomllib.load(f)["project"]
+deps = project["dependencies"]
 name = lambda d: re.split(r"[\s<>=!~\[;]", d, maxsplit=1)[0].lower()
 if sys.argv[1] == "deps":
-    print("\n".join(d for d in deps
-                    if name(d) not in ("torch", "torchvision") and not name(d).startswith("nvidia-dali")))
+    extras = project.get("optional-dependencies", {})
+    unknown = [e for e in sys.argv[2:] if e not in extras]
+    if unknown:
+        sys.exit(f"install-ngc: EXTRAS: no optional-dependency group {', '.join(unknown)} in pyproject.toml")
+    wanted = deps + [d for e in sys.argv[2:] for d in extras[e]]
+    keep = [d for d in wanted if name(d) not in ("torch", "torchvision") and not name(d).startswith("nvidia-dali")]
+    print("\n".join(dict.fromkeys(keep)))
 else:
     dali = [d for d in deps if name(d).startswith("nvidia-dali")]
     m = re.search(r">=\s*([0-9][0-9.]*)", dali[0]) if dali else None
@@ -60,8 +75,22 @@ else:
 PYEOF
 }
 
+# The DALI wheel for this Python's torch: nvidia-dali-cuda120 or -cuda130 by the CUDA major version
+# torch was built with (a CPU-only torch counts as CUDA 12), at least pyproject.toml's minimum.
+# An explicit DALI=<requirement> is that requirement.
+dali_requirement() {
+    local min cuda
+    if [[ "$DALI" != container ]]; then
+        echo "$DALI"
+        return
+    fi
+    min=$(read_pyproject dali-min)
+    cuda=$("$PY" -c 'import torch; print((torch.version.cuda or "12").split(".")[0])')
+    echo "nvidia-dali-cuda${cuda}0>=$min"
+}
+
 install_dali() {
-    local min installed cuda pkg
+    local min installed pkg
     min=$(read_pyproject dali-min)
     if [[ "$DALI" != container ]]; then
         mapfile -t old < <("$PY" -m pip list --format=freeze 2>/dev/null | grep -ioE '^nvidia-dali-cuda[0-9]+' || true)
@@ -86,16 +115,21 @@ PYEOF
         echo "install-ngc: keeping the container's DALI $installed (>= $min)"
         return
     fi
-    cuda=$("$PY" -c 'import torch; print((torch.version.cuda or "12").split(".")[0])')
-    pkg="nvidia-dali-cuda${cuda}0"
-    echo "install-ngc: no DALI >= $min in this container; installing $pkg>=$min (torch built for CUDA $cuda)"
-    PIP_CONSTRAINT=/dev/null "${pip_install[@]}" -c "$keep" "$pkg>=$min"
+    pkg=$(dali_requirement)
+    echo "install-ngc: no DALI >= $min in this container; installing $pkg (matching torch's CUDA major)"
+    PIP_CONSTRAINT=/dev/null "${pip_install[@]}" -c "$keep" "$pkg"
 }
 
 case "$mode" in
+    dali-requirement)
+        dali_requirement
+        exit 0
+        ;;
     deps)
-        mapfile -t deps < <(read_pyproject deps)
-        echo "install-ngc: dependencies ${deps[*]} (container keeps: $(tr '\n' ' ' <"$keep"))"
+        read -r -a extras <<<"$EXTRAS"
+        deps_text=$(read_pyproject deps "${extras[@]}")
+        mapfile -t deps <<<"$deps_text"
+        echo "install-ngc: dependencies and extras (${extras[*]}): ${deps[*]} (container keeps: $(tr '\n' ' ' <"$keep"))"
         "${pip_install[@]}" "${constraints[@]}" "${deps[@]}"
         install_dali
         ;;
@@ -109,7 +143,7 @@ case "$mode" in
         "$PY" -c 'import torch, nvidia.dali, dali_ba, trainers; print("torch", torch.__version__, "| DALI", nvidia.dali.__version__, "| dali-ba", dali_ba.__version__)'
         ;;
     *)
-        echo "usage: install-ngc.sh deps|package" >&2
+        echo "$usage" >&2
         exit 2
         ;;
 esac

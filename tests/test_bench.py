@@ -253,6 +253,21 @@ def test_gpu_settings_refuse_clearly_without_a_gpu(image_folder, capsys, extra):
     assert "dali-ba: error:" in err and ("GPU" in err or "--device cuda" in err)
 
 
+def test_trivial_augment_reaches_the_dali_loaders_and_is_refused_where_it_would_not(image_folder, capsys):
+    import argparse
+
+    from benchmarks.cli import add_arguments, settings_from_args
+    from dali_ba.cli import main
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["loader", "--root", str(image_folder), "--device", "cpu", "--trivial-augment",
+                              "--variants", "dali-fused,dali-naive-crop"])
+    assert settings_from_args(args).options == {"trivial_augment": True}
+    assert main(["bench", "loader", "--root", str(image_folder), "--device", "cpu", "--trivial-augment"]) == 2
+    assert "torchvision would run without it" in capsys.readouterr().err
+
+
 def test_a_bad_output_path_is_refused_before_measuring(image_folder, tmp_path, capsys):
     from dali_ba.cli import main
 

@@ -101,20 +101,116 @@ def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
     return out
 
 
-def test_gpu_dockerfile_is_ngc_based_and_keeps_torch():
+def test_gpu_dockerfile_is_ngc_based_and_installs_through_install_ngc():
+    """The GPU image starts from NGC's PyTorch and installs only through install-ngc.sh (whose
+    behaviour the tests below check), never with a plain ``pip install .``."""
     ins = _instructions(DOCKER / "Dockerfile")
     first_from = next(i for i, (word, _) in enumerate(ins) if word == "FROM")
     tag_args = [rest for word, rest in ins[:first_from] if word == "ARG"]
     assert any(re.fullmatch(r"NGC_TAG=\d\d\.\d\d", a) for a in tag_args), tag_args
     assert ins[first_from][1] == "nvcr.io/nvidia/pytorch:${NGC_TAG}-py3"
     runs = " ".join(rest for word, rest in ins if word == "RUN")
-    # Never a plain `pip install .`: the installer keeps the container's torch.
     assert "install-ngc.sh deps" in runs and "install-ngc.sh package" in runs
     assert not re.search(r"pip\d? install(?![^&;]*--no-deps)[^&;]*\s\.(\s|$)", runs)
-    installer = INSTALL_NGC.read_text()
-    assert "--no-deps ." in installer and "/etc/pip/constraint.txt" in installer
-    assert re.search(r"grep -iE '\^\(torch\|torchvision\|numpy\|pillow\)=='", installer)
     assert dict(ins)["ENTRYPOINT"] == '["/usr/local/bin/dali-ba-entrypoint"]'
+
+
+# ---------------------------------------------------------------------------------------------
+# docker/install-ngc.sh, run for real with this Python (or a stand-in for pip)
+
+
+def _install_ngc(mode: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """install-ngc.sh MODE from the repository root, PYTHON = this interpreter unless env says."""
+    full = {k: v for k, v in os.environ.items() if k != "DALI"}
+    full.update({"PYTHON": sys.executable, **(env or {})})
+    return _run([BASH, str(INSTALL_NGC), mode], cwd=ROOT, env=full, **kwargs)
+
+
+def test_install_ngc_picks_the_dali_wheel_of_torchs_cuda_major(tmp_path):
+    torch = pytest.importorskip("torch")
+    # This venv's torch: its own CUDA major (torch 2.14.1 from PyPI is a CUDA 13 build → cuda130).
+    major = (torch.version.cuda or "12").split(".")[0]
+    result = _install_ngc("dali-requirement")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"nvidia-dali-cuda{major}0>=2.0"
+    # A torch built for CUDA 12 (a stand-in module first on the path) → the CUDA 12 wheel.
+    fake = tmp_path / "cuda12" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("__version__ = '2.5.0+cu124'\nclass version:\n    cuda = '12.4'\n")
+    result = _install_ngc("dali-requirement", {"PYTHONPATH": str(fake.parent)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "nvidia-dali-cuda120>=2.0"
+    # An explicit requirement is taken as given.
+    result = _install_ngc("dali-requirement", {"DALI": "nvidia-dali-cuda130==2.4.0"})
+    assert result.stdout.strip() == "nvidia-dali-cuda130==2.4.0"
+
+
+def _pip_stand_in(tmp_path: Path, torch_after_install: str | None) -> dict:
+    """PYTHON for install-ngc.sh: this interpreter, except ``-m pip``, which a script answers:
+    ``pip list`` reports torch 2.5.0 (or ``torch_after_install`` once an install ran), ``pip
+    install`` only records its arguments and the constraint files it was given."""
+    state = tmp_path / "pip-state"
+    state.mkdir()
+    script = tmp_path / "python"
+    script.write_text(f"""#!/bin/bash
+if [[ "$1" == -m && "$2" == pip ]]; then
+    case "$3" in
+        list)
+            if [[ -f {state}/installed && -n "{torch_after_install or ''}" ]]; then
+                echo "torch=={torch_after_install or ''}"
+            else
+                echo torch==2.5.0
+            fi
+            echo torchvision==0.20.0
+            echo numpy==1.26.4 ;;
+        install)
+            echo "$*" >> {state}/installs
+            prev=
+            for a in "$@"; do
+                [[ "$prev" == -c ]] && cat "$a" >> {state}/constraints
+                prev=$a
+            done
+            touch {state}/installed ;;
+    esac
+    exit 0
+fi
+exec {sys.executable} "$@"
+""")
+    script.chmod(0o755)
+    return {"PYTHON": str(script), "STATE": str(state)}
+
+
+def test_install_ngc_deps_keeps_the_containers_torch_and_adds_the_extras(tmp_path):
+    env = _pip_stand_in(tmp_path, torch_after_install=None)
+    result = _install_ngc("deps", env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    state = Path(env["STATE"])
+    installs = (state / "installs").read_text().splitlines()
+    deps = installs[0].split()
+    # The container's torch, torchvision and numpy are frozen for the install...
+    constraints = (state / "constraints").read_text().splitlines()
+    assert {"torch==2.5.0", "torchvision==0.20.0", "numpy==1.26.4"} <= set(constraints)
+    # ... which gets pyproject's own dependencies and the extras train/plot/s3, without torch,
+    # torchvision or DALI (DALI: this venv's is new enough, so no install of it at all).
+    names = {re.split(r"[<>=!~\[]", d)[0].lower() for d in deps if not d.startswith("-") and "/" not in d}
+    assert {"omegaconf", "pyyaml", "matplotlib", "boto3"} <= names, deps
+    assert not names & {"torch", "torchvision", "nvidia-dali-cuda120", "nvidia-dali-cuda130"}, deps
+    assert len(installs) == 1, installs
+
+
+def test_install_ngc_refuses_when_an_install_changed_torch(tmp_path):
+    env = _pip_stand_in(tmp_path, torch_after_install="2.6.0")
+    result = _install_ngc("deps", env)
+    assert result.returncode == 1
+    assert "torch changed from 'torch==2.5.0' to 'torch==2.6.0': refusing" in result.stderr
+
+
+def test_install_ngc_names_an_unknown_extra(tmp_path):
+    env = {**_pip_stand_in(tmp_path, torch_after_install=None), "EXTRAS": "train nope"}
+    result = _install_ngc("deps", env)
+    assert result.returncode != 0
+    assert "no optional-dependency group nope" in result.stderr
+    assert not (Path(env["STATE"]) / "installs").exists()
 
 
 def test_cpu_dockerfile_is_python_slim_with_pinned_versions():

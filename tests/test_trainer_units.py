@@ -117,3 +117,21 @@ def test_config_differences_name_the_keys_that_matter():
     assert ckpt.config_differences(a, b) == [
         "data.num_views: checkpoint 4, now 2"
     ]  # threads, max_steps, out_dir may change
+
+
+def test_another_world_size_needs_a_global_batch_and_loose_files(tmp_path):
+    """Elastic resume is allowed with data.global_batch_size (batch_size may then differ), refused
+    without it, and refused for a packed dataset: one line each."""
+    from trainers.config import for_world
+
+    elastic = config_from_dict({"data": {"global_batch_size": 8}})
+    saved = {"config": config_to_dict(for_world(elastic, 2)), "world_size": 2}
+    ckpt.check_compatible(saved, config_to_dict(for_world(elastic, 4)), 4, tmp_path)
+    with pytest.raises(ckpt.ResumeError, match="a packed dataset's reader cannot re-deal"):
+        ckpt.check_compatible(saved, config_to_dict(for_world(elastic, 4)), 4, tmp_path, packed=True)
+    plain = config_to_dict(config_from_dict({}))
+    with pytest.raises(ckpt.ResumeError, match="set data.global_batch_size"):
+        ckpt.check_compatible({"config": plain, "world_size": 2}, plain, 4, tmp_path)
+    assert for_world(elastic, 4).data.batch_size == 2
+    with pytest.raises(ConfigError, match="does not divide among 3 ranks"):
+        for_world(elastic, 3)

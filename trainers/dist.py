@@ -67,14 +67,6 @@ def all_reduce_sum(env: DistEnv, values: Sequence[float]) -> List[float]:
     return t.tolist()
 
 
-def all_reduce_max(env: DistEnv, values: Sequence[float]) -> List[float]:
-    if not env.distributed:
-        return [float(v) for v in values]
-    t = torch.tensor(list(values), dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=env.control)
-    return t.tolist()
-
-
 def gather_objects(env: DistEnv, obj: Any) -> List[Any]:
     """Every rank's ``obj`` (picklable), in rank order, on every rank."""
     if not env.distributed:
@@ -82,15 +74,6 @@ def gather_objects(env: DistEnv, obj: Any) -> List[Any]:
     out: List[Any] = [None] * env.world
     dist.all_gather_object(out, obj, group=env.control)
     return out
-
-
-def broadcast_object(env: DistEnv, obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not env.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, group=env.control)
-    return box[0]
 
 
 def barrier(env: DistEnv) -> None:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import Optional, Sequence
+
+SILENT_RANK_EXIT_DELAY_S = 3.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +69,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run(cfg)
     except UserError as exc:
         if getattr(exc, "all_ranks", False) and os.environ.get("RANK", "0") != "0":
-            return 2  # every rank has the same message: rank 0 prints it
+            # Every rank has the same message and rank 0 prints it; exiting at once could make
+            # torchrun stop rank 0 before it has.
+            time.sleep(SILENT_RANK_EXIT_DELAY_S)
+            return 2
         _error_line(str(exc))
         return 2
     except KeyboardInterrupt:  # before the run's own handler was installed, or after it was removed

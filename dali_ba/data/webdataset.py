@@ -109,12 +109,3 @@ def _fsync(f) -> None:
         os.fsync(f.fileno())
     except OSError:  # some filesystems (e.g. certain FUSE mounts) do not support it
         pass
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 (hex) of a file's content."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
