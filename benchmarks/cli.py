@@ -133,12 +133,6 @@ def settings_from_args(args: argparse.Namespace):
         raise UserError(f"--threads: expected a value <= {UPPER_LIMITS['num_threads']}; got {args.threads}")
     if not Path(args.root).expanduser().is_dir():
         raise UserError(f"--root: image folder not found: {args.root}")
-    from dali_ba.dataset import scan_image_folder
-
-    images = len(scan_image_folder(Path(args.root).expanduser()))  # a bad folder fails here, before any run
-    if args.batch_size > min(images, args.epoch_images or images):
-        raise UserError(f"--batch-size {args.batch_size}: more than the {min(images, args.epoch_images or images)} "
-                        "images a benchmark epoch reads (--root, --epoch-images)")
     for flag, value, variant in (("--packed", args.packed, "dali-packed"), ("--packed-s3", args.packed_s3,
                                                                              "dali-packed-s3")):
         if value and variant not in variants:
@@ -163,6 +157,17 @@ def settings_from_args(args: argparse.Namespace):
     )
 
 
+def check_images(settings) -> None:
+    """UserError unless ``settings.root`` scans and holds a batch of the images an epoch reads."""
+    from dali_ba.dataset import scan_image_folder
+
+    images = len(scan_image_folder(settings.root, settings.file_list))
+    usable = min(images, settings.epoch_images or images)
+    if settings.batch_size > usable:
+        raise UserError(f"--batch-size {settings.batch_size}: more than the {usable} images a benchmark epoch reads "
+                        "(--root, --epoch-images)")
+
+
 def run_loader(args: argparse.Namespace) -> int:
     import time
     from dataclasses import asdict
@@ -183,6 +188,7 @@ def run_loader(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UserError("--plot needs matplotlib: pip install 'dali-ba[plot]'") from None
+    check_images(settings)  # a bad folder, or too few images for a batch: before any measurement
     prepare(settings)
     record = new_record("loader")
     started = time.time()
