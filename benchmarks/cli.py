@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import List, Sequence
 
-from benchmarks.record import check_writable, new_record, write_record
+from benchmarks.record import PLOT_SUFFIXES, check_writable, new_record, write_output, write_record
 from dali_ba.errors import UserError
 
 # Warm-up batches and seconds per measurement: a GPU needs far more than a CPU to reach its pace.
@@ -107,6 +107,13 @@ def _positive(args: argparse.Namespace, names: Sequence[str]) -> None:
             raise UserError(f"--{name.replace('_', '-')}: expected a value >= 1; got {value}")
 
 
+def _not_negative(args: argparse.Namespace, names: Sequence[str]) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not value >= 0:  # NaN too
+            raise UserError(f"--{name.replace('_', '-')}: expected a value >= 0; got {value}")
+
+
 def settings_from_args(args: argparse.Namespace):
     from benchmarks.loader_bench import ALL_VARIANTS, LoaderBenchSettings
     from dali_ba.pipeline import resolve_device
@@ -124,8 +131,11 @@ def settings_from_args(args: argparse.Namespace):
     if device != "cuda" and args.hw_decoder_load is not None:
         raise UserError("--hw-decoder-load is a GPU setting (nvJPEG hardware decoder); it needs --device cuda")
     _positive(args, ("batch_size", "threads", "repeats", "batches", "image_size"))
-    if args.epoch_images < 0 or args.min_seconds is not None and args.min_seconds < 0:
-        raise UserError("--epoch-images and --min-seconds: expected values >= 0")
+    _not_negative(args, ("epoch_images", "min_seconds", "warmup", "seed"))
+    from dali_ba.options import UPPER_LIMITS
+
+    if args.threads > UPPER_LIMITS["num_threads"]:
+        raise UserError(f"--threads: expected a value <= {UPPER_LIMITS['num_threads']}; got {args.threads}")
     if not Path(args.root).expanduser().is_dir():
         raise UserError(f"--root: image folder not found: {args.root}")
     for flag, value, variant in (("--packed", args.packed, "dali-packed"), ("--packed-s3", args.packed_s3,
@@ -144,12 +154,23 @@ def settings_from_args(args: argparse.Namespace):
     return LoaderBenchSettings(
         root=str(Path(args.root).expanduser()), views=args.views, variants=variants, batch_size=args.batch_size,
         threads=args.threads, repeats=args.repeats, batches=args.batches,
-        warmup=max(0, args.warmup if args.warmup is not None else defaults["warmup"]),
+        warmup=args.warmup if args.warmup is not None else defaults["warmup"],
         min_seconds=args.min_seconds if args.min_seconds is not None else defaults["min_seconds"],
         image_size=args.image_size, device=device, hw_decoder_loads=args.hw_decoder_load or [0.65], seed=args.seed,
         epoch_images=args.epoch_images, packed=args.packed, packed_s3=args.packed_s3,
         options={"trivial_augment": True} if args.trivial_augment else {},
     )
+
+
+def check_images(settings) -> None:
+    """UserError unless ``settings.root`` scans and holds a batch of the images an epoch reads."""
+    from dali_ba.dataset import scan_image_folder
+
+    images = len(scan_image_folder(settings.root, settings.file_list))
+    usable = min(images, settings.epoch_images or images)
+    if settings.batch_size > usable:
+        raise UserError(f"--batch-size {settings.batch_size}: more than the {usable} images a benchmark epoch reads "
+                        "(--root, --epoch-images)")
 
 
 def run_loader(args: argparse.Namespace) -> int:
@@ -160,14 +181,19 @@ def run_loader(args: argparse.Namespace) -> int:
     from benchmarks.report import markdown_ratios, markdown_table, plot_loader
     from benchmarks.variants import prepare
 
-    settings = settings_from_args(args)
     check_writable(args.json, "--json")
-    check_writable(args.plot, "--plot")
+    check_writable(args.plot, "--plot", suffixes=PLOT_SUFFIXES)
+    from dali_ba.outputs import inside
+
+    if args.plot and inside(args.plot, args.root):  # an image in a class folder would become training data
+        raise UserError(f"--plot {args.plot}: inside --root {args.root}; write the plot elsewhere")
+    settings = settings_from_args(args)
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UserError("--plot needs matplotlib: pip install 'dali-ba[plot]'") from None
+    check_images(settings)  # a bad folder, or too few images for a batch: before any measurement
     prepare(settings)
     record = new_record("loader")
     started = time.time()
@@ -185,10 +211,10 @@ def run_loader(args: argparse.Namespace) -> int:
     print()
     print(markdown_ratios(record["ratios"]))
     if args.json:
-        write_record(args.json, record)
+        write_output(lambda path: write_record(path, record), args.json, "--json")
         log(f"wrote {args.json}")
     if args.plot:
-        plot_loader(record, args.plot)
+        write_output(lambda path: plot_loader(record, path), args.plot, "--plot")
         log(f"wrote {args.plot}")
     return 0
 
@@ -200,8 +226,7 @@ def run_train(args: argparse.Namespace) -> int:
     from trainers.config import load_config
 
     _positive(args, ("steps", "rounds"))
-    if (args.warmup is not None and args.warmup < 0) or args.min_seconds < 0:
-        raise UserError("--warmup and --min-seconds: expected values >= 0")
+    _not_negative(args, ("warmup", "min_seconds"))
     cfg = load_config(args.config, args.overrides)
     check_writable(args.json, "--json")
     from dali_ba.pipeline import resolve_device
@@ -221,7 +246,7 @@ def run_train(args: argparse.Namespace) -> int:
           f"B={s['batch_size']}, M={s['num_views']}, amp {s['amp']}, DALI threads {cfg.data.num_threads}")
     if args.json:
         record.update(config=asdict(cfg), summary=summary, rounds=rows, warmup=warmup)
-        write_record(args.json, record)
+        write_output(lambda path: write_record(path, record), args.json, "--json")
     return 0
 
 
@@ -253,7 +278,9 @@ def _run_step_comparison(args: argparse.Namespace, cfg, warmup: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cli", description=__doc__.splitlines()[0])
+    from dali_ba.errors import OneLineArgumentParser
+
+    parser = OneLineArgumentParser(prog="python -m benchmarks.cli", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

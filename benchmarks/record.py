@@ -121,18 +121,27 @@ def write_record(path: str | Path, record: dict) -> None:
     path.write_text(json.dumps(record, indent=1) + "\n")
 
 
-def check_writable(path: Optional[str | Path], flag: str) -> None:
-    """UserError naming ``flag`` unless ``path`` can be written, checked before any measuring, so a
-    bad output path never throws a measurement away."""
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")  # formats matplotlib writes by the file name
+
+
+def check_writable(path: Optional[str | Path], flag: str, suffixes: Optional[tuple] = None) -> None:
+    """UserError naming ``flag`` unless ``path`` can be written (a real write is tried in its
+    folder: read-only places and full disks fail here), checked before any measuring, so a bad
+    output path never throws a measurement away."""
+    from dali_ba.outputs import check_output_file
+
+    check_output_file(path, flag, suffixes=suffixes)
+
+
+def write_output(write, path: str | Path, flag: str) -> None:
+    """``write(path)`` (``~`` expanded, its folder created), or one line when the disk filled up
+    during the run (the results were printed above)."""
     from dali_ba.errors import UserError
 
-    if path is None:
-        return
     path = Path(path).expanduser()
-    if path.is_dir():
-        raise UserError(f"{flag} {path}: is a directory, expected a file path")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: cannot write there ({parent} is not a writable directory)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(str(path))
+    except OSError as exc:
+        raise UserError(f"{flag} {path}: cannot write it ({exc.strerror or exc}); the results are printed above") \
+            from None

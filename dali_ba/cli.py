@@ -30,8 +30,9 @@ _COMMANDS = [
 
 def build_parser() -> argparse.ArgumentParser:
     from dali_ba import __version__
+    from dali_ba.errors import OneLineArgumentParser
 
-    parser = argparse.ArgumentParser(prog="dali-ba", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="dali-ba", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"dali-ba {__version__}")
     top = parser.add_subparsers(dest="command", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
@@ -50,20 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from dali_ba.errors import UserError
+    from dali_ba.errors import UserError, make_console_safe, one_line
 
+    make_console_safe()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # Only `train` takes free key=value overrides; anything else unknown is an error.
-    if extra and args.command != "train":
+    # Only commands with key=value overrides (train, bench train) take free arguments, in the order
+    # given wherever they stand among the options; anything else unknown is an error.
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = list(getattr(args, "overrides", []) or []) + extra
     try:
         return int(args._run(args) or 0)
     except UserError as exc:
-        print(f"dali-ba: error: {exc}", file=sys.stderr)
+        print(f"dali-ba: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("dali-ba: interrupted", file=sys.stderr)
         return 130
 
 

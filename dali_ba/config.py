@@ -24,8 +24,9 @@ from dali_ba.errors import ConfigError
 from dali_ba.options import IMAGENET_MEAN, IMAGENET_STD, check_options
 from dali_ba.options import PipelineOptions as P
 
-__all__ = ["ConfigError", "DataConfig", "DataOnly", "check_at_least", "check_choice", "config_from_dict",
-           "config_to_dict", "load_config", "parse_override", "parse_yaml", "save_config"]
+__all__ = ["ConfigError", "DataConfig", "DataOnly", "check_at_least", "check_between", "check_choice", "check_finite",
+           "config_from_dict", "config_to_dict", "expand_user_paths", "load_config", "parse_override", "parse_yaml",
+           "save_config"]
 
 
 def check_choice(key: str, value: str, choices: Sequence[str]) -> None:
@@ -34,8 +35,44 @@ def check_choice(key: str, value: str, choices: Sequence[str]) -> None:
 
 
 def check_at_least(key: str, value: float, low: float) -> None:
-    if value < low:
+    if not value >= low:  # NaN too
         raise ConfigError(f"{key}: expected a value >= {low}; got {value!r}")
+
+
+def check_between(key: str, value: float, low: float, high: float, *, low_open: bool = False,
+                  high_open: bool = False) -> None:
+    """ConfigError unless low <= value <= high (``<`` on an open side); NaN is never in range."""
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (above and below):
+        raise ConfigError(f"{key}: expected {low} {'<' if low_open else '<='} value {'<' if high_open else '<='} "
+                          f"{high}; got {value!r}")
+
+
+def check_finite(cfg: Any, prefix: str = "") -> None:
+    """ConfigError naming the first float of a config (dataclasses, lists) that is NaN or infinite:
+    YAML reads ``.nan`` and ``.inf``, and no setting means either."""
+    import dataclasses
+    import math
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_finite(value, f"{prefix}{f.name}.")
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"{prefix}{f.name}: expected a finite number; got {value!r}")
+
+
+def expand_user_paths(cfg: Any, names: Sequence[str]) -> None:
+    """``~`` expanded in the path fields ``names`` of a frozen dataclass (URLs and None left alone)."""
+    import os
+
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, str) and value.startswith("~"):
+            object.__setattr__(cfg, name, os.path.expanduser(value))
 
 
 @dataclass(frozen=True)
@@ -76,6 +113,7 @@ class DataConfig:
     shuffle_buffer: int = P.shuffle_buffer
 
     def __post_init__(self) -> None:
+        expand_user_paths(self, ("train_root", "val_root", "train_list"))
         check_options(self, prefix="data.")
 
 
@@ -172,7 +210,9 @@ def config_from_dict(values: dict, overrides: Sequence[str] = (), source: str = 
         except OmegaConfBaseException as exc:
             raise ConfigError(f"override {item!r}: {_describe(exc)}") from None
     try:
-        return OmegaConf.to_object(merged)
+        cfg = OmegaConf.to_object(merged)
+        check_finite(cfg)
+        return cfg
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     except OmegaConfBaseException as exc:

@@ -3,20 +3,26 @@
 We list files ourselves instead of letting ``readers.file`` walk the folder, because then we
 (1) skip hidden files and non-images instead of failing on them mid-epoch, (2) reject empty class
 folders that DALI silently accepts, (3) own the global per-epoch shuffle and the shard split, so
-we always know which files are in a batch and can name the one that failed to decode.
+we always know which files are in a batch and can name the one that failed to decode, (4) follow
+links safely (``folder_walk``: each real file once, under the class folder it lives in) and
+check file lists against the class folders and against themselves, so that no image is trained
+on under a label it does not have.
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from dali_ba.errors import DatasetError
+from dali_ba.folder_walk import IMAGE_EXTENSIONS, FolderWalk, is_image_name
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".pnm", ".ppm")
+__all__ = ["IMAGE_EXTENSIONS", "Dataset", "align_classes", "check_dataset_paths", "expand_path", "ignored_entries",
+           "is_image_name", "list_classes", "list_line", "scan_image_folder", "write_file_list"]
 
 
 @dataclass(frozen=True)
@@ -32,13 +38,17 @@ class Dataset:
         return len(self.files)
 
 
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+def expand_path(path: str | os.PathLike) -> str:
+    """``~`` and ``~user`` expanded, as a shell would (and as every path option of dali-ba does)."""
+    return os.path.expanduser(os.fspath(path))
 
 
 def list_classes(root: Path) -> List[str]:
     """Sorted, non-hidden sub-folder names (the ImageFolder convention: index = label)."""
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    try:
+        return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    except OSError as exc:
+        raise DatasetError(f"cannot list {root}: {exc.strerror or exc}") from None
 
 
 def _is_url(path: str | Path) -> bool:
@@ -49,9 +59,9 @@ def check_dataset_paths(root: str | Path, file_list: Optional[str | Path] = None
     """DatasetError unless ``root`` is a folder and ``file_list`` (if any) a file: a check that
     costs nothing, so a trainer can make it before loading anything heavy. Object-storage URLs are
     checked when they are read (a packed dataset's manifest, a file list)."""
-    if not _is_url(root) and not Path(root).expanduser().is_dir():
+    if not _is_url(root) and not Path(expand_path(root)).is_dir():
         raise DatasetError(f"image folder not found: {root}")
-    if file_list is not None and not _is_url(file_list) and not Path(file_list).expanduser().is_file():
+    if file_list is not None and not _is_url(file_list) and not Path(expand_path(file_list)).is_file():
         raise DatasetError(f"file list not found: {file_list}")
 
 
@@ -61,7 +71,8 @@ def scan_image_folder(root: str | Path, file_list: Optional[str | Path] = None, 
 
     Raises DatasetError naming the path when the root is missing, has no class folders, a class
     folder holds no image (unless ``allow_empty_classes``: ``dali-ba data verify`` reports them
-    instead), or a file-list line is malformed.
+    instead), links would give an image two labels (``folder_walk``), or a file-list line is
+    malformed, repeated or contradicts the class folders (``_read_file_list``).
     """
     check_dataset_paths(root, file_list)
     if _is_url(root):
@@ -69,20 +80,19 @@ def scan_image_folder(root: str | Path, file_list: Optional[str | Path] = None, 
             raise DatasetError(f"{root}: an object-storage root needs a file list, or must be a packed dataset "
                                "(see `dali-ba data pack`)")
         return _read_remote_file_list(str(root), str(file_list))
-    root = Path(root).expanduser()
+    root = Path(expand_path(root))
     if file_list is not None:
-        return _read_file_list(root, Path(file_list).expanduser())
+        return _read_file_list(root, Path(expand_path(file_list)))
     classes = list_classes(root)
     if not classes:
         raise DatasetError(f"no class folders in {root} (expected {root}/<class>/<image>.jpg)")
+    walk = FolderWalk(os.path.realpath(root), classes)
     files: List[str] = []
     labels: List[int] = []
     empty: List[str] = []
-    for label, name in enumerate(classes):
-        class_dir = root / name
-        found = sorted(_class_images(str(class_dir.resolve())))
+    for label, found in enumerate(walk.files):
         if not found:
-            empty.append(str(class_dir))
+            empty.append(str(root / classes[label]))
         files.extend(found)
         labels.extend([label] * len(found))
     if empty and not allow_empty_classes:
@@ -91,33 +101,72 @@ def scan_image_folder(root: str | Path, file_list: Optional[str | Path] = None, 
             + (f" (+{len(empty) - 5} more)" if len(empty) > 5 else "")
             + " — remove them or add images (labels are assigned by sorted folder name)"
         )
-    return Dataset(str(root.resolve()), files, np.asarray(labels, dtype=np.int32), classes)
+    return Dataset(walk.base, files, np.asarray(labels, dtype=np.int32), classes)
 
 
-def _class_images(class_dir: str) -> Iterator[str]:
-    """Image files under ``class_dir`` (an absolute, resolved path), hidden folders skipped.
-    Paths are joined, not resolved one by one (``Path.resolve`` per file is slow at ImageNet scale)."""
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        yield from (os.path.join(dirpath, f) for f in filenames if _is_image(f))
+def ignored_entries(root: str | Path) -> List[str]:
+    """What a folder scan leaves out under the class folders of ``root``, each as ``path`` or
+    ``path (why)`` for links: hidden files and folders, files that are not images by their name or
+    not regular files, and links the scan does not follow or counts elsewhere. Folders named like
+    images (``x.jpg/``) are sub-folders to the scan, so they are listed too."""
+    root = Path(expand_path(root))
+    walk = FolderWalk(os.path.realpath(root), list_classes(root))
+    return sorted(path if why in ("hidden", "not an image file name") or why.startswith("a folder named")
+                  else f"{path} ({why})" for path, why in walk.ignored)
 
 
-def _parse_file_list(text: str, where: str) -> tuple[List[str], List[int]]:
-    """(relative paths, labels) of the ``relative/path label`` lines of a file list."""
-    paths: List[str] = []
-    labels: List[int] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
+# -- file lists ------------------------------------------------------------------------------------
+
+def list_line(relative: str, label: int) -> str:
+    """One file-list line that ``_read_file_list`` reads back as exactly (relative, label); a
+    ``./`` prefix keeps a name that starts with ``#`` or a blank from reading as a comment or
+    being trimmed. DatasetError for a name no line can hold (a line break in it)."""
+    if "\n" in relative:
+        raise DatasetError(f"{relative!r}: a file name with a line break cannot be written to a file list")
+    if relative[:1] in ("#", " ", "\t") or relative[:1].isspace():
+        relative = "./" + relative
+    return f"{relative} {int(label)}\n"
+
+
+def write_file_list(path: str | Path, lines: Sequence[str]) -> None:
+    """Write ``list_line`` lines atomically; names keep their bytes (surrogate escapes included)."""
+    path = Path(expand_path(path))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes("".join(lines).encode("utf-8", "surrogateescape"))
+    os.replace(tmp, path)  # a reader never sees a half-written list
+
+
+def _parse_file_list(text: str, where: str) -> List[Tuple[int, str, int]]:
+    """(line number, relative path, label) of each ``relative/path label`` line of a file list.
+
+    Lines are split on ``\\n`` only and names kept as they are (any file name but one with a line
+    break fits in a line: ``list_line``). Paths stay under the root (no absolute paths, no ``..``
+    above it) and each file is listed once, with one label."""
+    entries: List[Tuple[int, str, int]] = []
+    seen: dict = {}
+    for number, raw in enumerate(text.split("\n"), start=1):
+        line = raw.rstrip()
+        if not line.strip() or line.lstrip().startswith("#"):
             continue
-        path, _, label = line.rpartition(" ")
-        if not path or not label.lstrip("-").isdigit() or int(label) < 0:
-            raise DatasetError(f"{where}:{number}: expected 'relative/path label', got {line!r}")
-        paths.append(path)
-        labels.append(int(label))
-    if not paths:
+        at = f"{where}:{number}"
+        path, _, label_text = line.rpartition(" ")
+        if not path or not re.fullmatch(r"[0-9]+", label_text):
+            raise DatasetError(f"{at}: expected 'relative/path label', got {line!r}")
+        label = int(label_text)
+        if os.path.isabs(path):
+            raise DatasetError(f"{at}: {path} is an absolute path; file-list paths are relative to the root")
+        relative = os.path.normpath(path)
+        if relative == ".." or relative.startswith(".." + os.sep):
+            raise DatasetError(f"{at}: {path} leads out of the root; file-list paths stay under it")
+        if relative in seen:
+            first, first_label = seen[relative]
+            kind = "is listed twice" if first_label == label else f"has two labels ({first_label} and {label})"
+            raise DatasetError(f"{at}: {relative} {kind} (first at line {first}): a list names each file once")
+        seen[relative] = (number, label)
+        entries.append((number, relative, label))
+    if not entries:
         raise DatasetError(f"file list {where} lists no images")
-    return paths, labels
+    return entries
 
 
 def _read_remote_file_list(root: str, file_list: str) -> Dataset:
@@ -127,45 +176,45 @@ def _read_remote_file_list(root: str, file_list: str) -> Dataset:
     from dali_ba.errors import UserError
 
     try:
-        data = storage.read_bytes(file_list)
+        data = storage.read_bytes(file_list if _is_url(file_list) else expand_path(file_list))
     except UserError as exc:
         raise DatasetError(str(exc)) from None
     if data is None:
         raise DatasetError(f"file list not found: {file_list}")
-    paths, labels = _parse_file_list(data.decode("utf-8", "surrogateescape"), file_list)
+    entries = _parse_file_list(data.decode("utf-8", "surrogateescape"), file_list)
     base = root.rstrip("/")
-    files = [f"{base}/{os.path.normpath(p).lstrip('/')}" for p in paths]
+    labels = [label for _, _, label in entries]
+    files = [f"{base}/{relative}" for _, relative, _ in entries]
     classes = [str(i) for i in range(max(labels) + 1)]
     return Dataset(base, files, np.asarray(labels, dtype=np.int32), classes)
 
 
 def _read_file_list(root: Path, file_list: Path) -> Dataset:
-    """The ``relative/path label`` lines of ``file_list`` (already checked by ``check_dataset_paths``)."""
-    base = str(root.resolve())
-    paths, labels = _parse_file_list(file_list.read_text(), str(file_list))
-    files = [os.path.normpath(os.path.join(base, p)) for p in paths]
-    num_classes = max(labels) + 1
+    """The lines of ``file_list`` (``_parse_file_list``) under the folder ``root``. Labels are below
+    the number of class folders, and a file inside a class folder has that folder's label: a list
+    written before a class folder was added would otherwise shift labels without a word. A root
+    without class folders names its classes by the labels ("0", "1", ...)."""
+    base = os.path.realpath(root)
     folder_classes = list_classes(root)
-    # The class folders name the labels when there are enough of them (a clean list written by
-    # `dali-ba data verify` keeps the folder labels, also when a class folder has no usable image).
-    classes = folder_classes if len(folder_classes) >= num_classes else [str(i) for i in range(num_classes)]
-    return Dataset(str(root.resolve()), files, np.asarray(labels, dtype=np.int32), classes)
-
-
-def ignored_entries(root: str | Path) -> List[str]:
-    """What a folder scan leaves out under the class folders of ``root``: hidden files and folders,
-    and files that are not images by their extension (``.DS_Store``, ``README.txt``, ...).
-    Folders named like images (``x.jpg/``) are sub-folders to the scan, so they are listed too."""
-    root = Path(root)
-    out: List[str] = []
-    for name in list_classes(root):
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            hidden = [d for d in dirnames if d.startswith(".")]
-            out.extend(str(Path(dirpath, d)) + "/" for d in hidden)
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            out.extend(str(Path(dirpath, d)) + "/" for d in dirnames if d.lower().endswith(IMAGE_EXTENSIONS))
-            out.extend(str(Path(dirpath, f)) for f in filenames if not _is_image(f))
-    return sorted(out)
+    index = {name: i for i, name in enumerate(folder_classes)}
+    try:
+        text = file_list.read_bytes().decode("utf-8", "surrogateescape")
+    except OSError as exc:
+        raise DatasetError(f"cannot read file list {file_list}: {exc.strerror or exc}") from None
+    entries = _parse_file_list(text, str(file_list))
+    for number, relative, label in entries:
+        top = relative.split(os.sep, 1)[0]
+        if folder_classes and label >= len(folder_classes):
+            raise DatasetError(f"{file_list}:{number}: label {label}, but {root} has {len(folder_classes)} class "
+                               f"folders (labels 0-{len(folder_classes) - 1})")
+        if os.sep in relative and top in index and index[top] != label:
+            raise DatasetError(f"{file_list}:{number}: {relative} is in class folder {top} (label {index[top]}) but "
+                               f"the list gives label {label} ({folder_classes[label]}); rewrite the list "
+                               "(dali-ba data verify --write-clean-list)")
+    labels = [label for _, _, label in entries]
+    files = [os.path.join(base, relative) for _, relative, _ in entries]
+    classes = folder_classes or [str(i) for i in range(max(labels) + 1)]
+    return Dataset(base, files, np.asarray(labels, dtype=np.int32), classes)
 
 
 def align_classes(val: Dataset, train_classes: Sequence[str], train_root: str, val_root: str) -> Dataset:

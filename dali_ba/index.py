@@ -63,14 +63,15 @@ def pack_index(dataset: Dataset) -> bytes:
     """A compact, picklable form of ``dataset``: paths relative to its root, compressed."""
     prefix = dataset.root.rstrip("/") + "/"
     relative = [f[len(prefix):] if f.startswith(prefix) else f for f in dataset.files]
-    names = zlib.compress("\n".join(relative).encode("utf-8", "surrogateescape"), 1)
+    # NUL separates the names: it is the one character a file name cannot hold (a newline can).
+    names = zlib.compress("\0".join(relative).encode("utf-8", "surrogateescape"), 1)
     return pickle.dumps((dataset.root, names, dataset.labels, list(dataset.classes)), protocol=5)
 
 
 def unpack_index(data: bytes) -> Dataset:
     root, names, labels, classes = pickle.loads(data)  # noqa: S301 - from our own rank 0
     text = zlib.decompress(names).decode("utf-8", "surrogateescape")
-    relative = text.split("\n") if text else []
+    relative = text.split("\0") if text else []
     prefix = root.rstrip("/") + "/"
     files = [name if name.startswith("/") or "://" in name else prefix + name for name in relative]
     return Dataset(root, files, np.asarray(labels, dtype=np.int32), classes)

@@ -18,7 +18,7 @@ import torch
 
 from dali_ba.buffers import ReusedBuffers
 from dali_ba.dataset import align_classes
-from dali_ba.errors import ConfigError, DatasetError, DecodeError, LoaderStateError, UserError
+from dali_ba.errors import ConfigError, DatasetError, DecodeError, LoaderOutOfMemory, LoaderStateError, UserError
 from dali_ba.index import AnyDataset, open_dataset
 from dali_ba.options import PipelineOptions, check_options, graph_settings
 from dali_ba.packed import READER_NAME, PackedDataset, PackedSource
@@ -92,6 +92,8 @@ class _DaliLoader(PipelineOptions):
             raise RuntimeError("the DALI pipeline ended its epoch early") from None
         except RuntimeError as exc:
             self._close(failed=True)
+            if LoaderOutOfMemory.matches(exc):  # not the files' fault: no culprit search
+                raise LoaderOutOfMemory.of(self, exc, _dali_message(exc)) from None
             raise self._decode_error(exc, suspects) from None
 
     def _end_epoch(self, spare: int = 0) -> None:

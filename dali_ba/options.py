@@ -142,6 +142,7 @@ CHECKS: Dict[str, Callable[[Any], Optional[str]]] = {
 
 def check_options(options: Any, prefix: str = "") -> None:
     """ConfigError naming the first option of ``options`` (an object) with a bad value."""
+    check_limits(options, prefix)
     for name, check in CHECKS.items():
         value = getattr(options, name, None)
         if value is None:
@@ -154,3 +155,24 @@ def check_options(options: Any, prefix: str = "") -> None:
     if len(policies) > 1:
         raise ConfigError(f"{prefix}{policies[1]}: at most one of trivial_augment, rand_augment, auto_augment may be "
                           f"on; got {' and '.join(prefix + p for p in policies)}")
+
+
+# Upper bounds, where a larger value fails outside Python: DALI aborts the process when the system
+# refuses a thread (100,000 threads here), and every prefetched batch holds B·M images in memory.
+UPPER_LIMITS = {"num_threads": 1024, "prefetch": 64}
+
+
+def check_limits(options: Any, prefix: str = "") -> None:
+    """ConfigError for a number that is not finite (NaN, inf) or above ``UPPER_LIMITS``."""
+    import math
+
+    for name in getattr(options, "__dataclass_fields__", None) or vars(options):
+        value = getattr(options, name, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            shown = list(value) if isinstance(value, (list, tuple)) else value
+            raise ConfigError(f"{prefix}{name}: expected a finite number; got {shown!r}")
+    for name, high in UPPER_LIMITS.items():
+        value = getattr(options, name, None)
+        if value is not None and value > high:
+            raise ConfigError(f"{prefix}{name}: expected a value <= {high}; got {value!r}")

@@ -9,7 +9,6 @@ the mean colour in training; with mean 0 / std 1 here they show black.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 
@@ -34,7 +33,9 @@ OPTIONS = ("color_jitter", "trivial_augment", "rand_augment", "auto_augment", "c
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", required=True, help="ImageFolder root (root/<class>/<image>)")
+    from dali_ba.dataset import expand_path
+
+    parser.add_argument("--root", required=True, type=expand_path, help="ImageFolder root (root/<class>/<image>)")
     parser.add_argument("--views", type=int, default=4, help="M: views per image (columns)")
     parser.add_argument("--images", type=int, default=8, help="images (rows)")
     parser.add_argument("--augment", default="imagenet", choices=AUGMENT_RECIPES)
@@ -50,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-erase", type=float, default=0.0, help="random erasing probability per view")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=int, default=0, help="upscale factor for small images (0: auto)")
-    parser.add_argument("--out", default="views.png", help="PNG file to write")
+    parser.add_argument("--out", default="views.png", type=expand_path, help="PNG file to write")
 
 
 def render_grid(root: str, views: int, images: int, augment: str, image_size: int, seed: int = 0,
@@ -90,14 +91,27 @@ def render_grid(root: str, views: int, images: int, augment: str, image_size: in
 
 
 def run(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from dali_ba.dataset import check_dataset_paths
     from dali_ba.errors import UserError
+    from dali_ba.outputs import check_output_file, inside
 
     if args.views < 1 or args.images < 1:
         raise UserError(f"--views and --images must be >= 1; got {args.views} and {args.images}")
+    if args.scale < 0:
+        raise UserError(f"--scale: expected 0 (automatic) or a factor >= 1; got {args.scale}")
+    check_dataset_paths(args.root)
+    if inside(args.out, args.root):  # a PNG in a class folder would be trained on as an image of that class
+        raise UserError(f"--out {args.out}: inside --root {args.root}; write the grid elsewhere")
+    savable = sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE)
+    out = check_output_file(args.out, "--out", suffixes=savable)
     grid = render_grid(args.root, args.views, args.images, args.augment, args.image_size, args.seed, args.scale,
                        pad=args.pad, **{name: getattr(args, name) for name in OPTIONS})
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
+    try:
+        grid.save(out)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write it ({exc.strerror or exc})") from None
     print(f"view grid ({args.images} images × {args.views} views, {args.augment}): {out.resolve()}")
     return 0

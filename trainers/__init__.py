@@ -12,7 +12,12 @@ each hold one concern:
 - ``metrics.py``    metrics.jsonl (every key documented there), TensorBoard, accuracy
 - ``diagnostics.py`` gradient-noise statistics that explain batch augmentation
 - ``evaluate.py``   validation with one centre view or test-time averaging over views
-- ``faults.py``     faults every rank must agree on (a file that fails to decode), lost peers
+- ``faults.py``     faults every rank must agree on (a file that fails to decode, a set-up step), lost peers
+- ``signals.py``    SIGTERM/SIGUSR1 (pre-emption), SIGINT/SIGHUP (interrupted): checkpoint, then exit
+- ``nonfinite.py``  steps with a NaN/inf loss, gradients or statistics: skipped, counted, bounded
+- ``run_lock.py``   one run per ``train.out_dir`` (flock)
+- ``outdir.py``     ``train.out_dir`` checked before any work, then taken
+- ``resources.py``  memory: refused up front when it cannot fit, one line with a hint when it runs out
 
 ``dali_ba`` never imports this package.
 """

@@ -41,6 +41,12 @@ class ResumeError(UserError):
     """The checkpoint to resume from is missing, unreadable or from an incompatible run."""
 
 
+class CheckpointWriteError(UserError):
+    """Rank 0 could not write a checkpoint (a full disk, a folder that went away)."""
+
+    all_ranks = True
+
+
 def checkpoint_dir(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
@@ -114,13 +120,33 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Optional[Path]:
     raise ResumeError(f"train.resume: no checkpoint in {resume} (looked for checkpoints/{LAST} and {LAST})")
 
 
+def _numpy_globals() -> list:
+    """What the numpy values of a checkpoint (RNG states, counters) unpickle through."""
+    import numpy as np
+
+    kinds = (np.bool_, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64,
+             np.float16, np.float32, np.float64)
+    return [np.ndarray, np.dtype, np.zeros(1).__reduce__()[0], np.float64(0).__reduce__()[0],
+            *{type(np.dtype(k)) for k in kinds}]
+
+
 def load(path: Path) -> Dict[str, Any]:
+    """The checkpoint at ``path``, unpickled with torch's ``weights_only`` loader: tensors, plain
+    Python values and numpy arrays only, so a crafted file cannot run code when it is resumed."""
     import torch
 
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(_numpy_globals()):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and IO errors all mean "not a usable checkpoint"
-        detail = (str(exc).strip().splitlines() or [""])[0]
+        text = str(exc)
+        if "Unsupported global" in text or "weights_only" in text.split("\n", 1)[0]:
+            culprit = next((line.strip() for line in text.splitlines() if "GLOBAL" in line or "global" in line),
+                           text.splitlines()[0] if text else type(exc).__name__)
+            raise ResumeError(f"{path} holds objects a dali-ba checkpoint does not ({culprit[:160]}): not loaded, "
+                              "since unpickling them could run code; resume only from checkpoints dali-ba "
+                              "wrote") from None
+        detail = (text.strip().splitlines() or [""])[0]
         raise ResumeError(f"cannot read checkpoint {path}: {type(exc).__name__}: {detail}") from None
     if not isinstance(ckpt, dict) or "format" not in ckpt:
         raise ResumeError(f"{path} is not a dali-ba trainer checkpoint (format {FORMAT})")
@@ -202,9 +228,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(paths, env, *, step, engine, loader, config, best_top1, schedule,
-                    loader_state: Optional[dict] = None) -> None:
+                    loader_state: Optional[dict] = None, extra: Optional[dict] = None) -> None:
     """Collective: gather every rank's loader and RNG state, rank 0 writes each of ``paths``.
-    ``loader_state``: this rank's loader state to save instead of the loader's current one."""
+    ``loader_state``: this rank's loader state to save instead of the loader's current one;
+    ``extra``: more entries (optional ones, which ``load`` does not require)."""
     from trainers import dist as tdist
 
     loader_states = tdist.gather_objects(env, loader.state_dict() if loader_state is None else loader_state)
@@ -216,7 +243,21 @@ def save_checkpoint(paths, env, *, step, engine, loader, config, best_top1, sche
             "rng": rngs, "config": config, "world_size": env.world, "best_top1": best_top1,
             "diagnostics": engine.monitor.state_dict(), "schedule": asdict(schedule), "classes": list(loader.classes),
             "ema": engine.ema.state_dict() if engine.ema is not None else None,
+            **(extra or {}),
         }
-        for path in paths:
-            save_atomic(state, path)
-    tdist.barrier(env)
+    failure = None
+    if env.is_main:
+        try:
+            for path in paths:
+                save_atomic(state, path)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            failure = CheckpointWriteError(
+                f"cannot write checkpoint {path}: {reason}; training stopped after step {step}, the checkpoint "
+                f"that was there before is intact: {'free some space' if 'space' in reason else 'fix that'} "
+                "and run again to resume from it")
+    from trainers.faults import agreed  # every rank learns of rank 0's failure (it also waits for the write)
+
+    with agreed(env):
+        if failure is not None:
+            raise failure

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import List, Sequence
 
 from dali_ba import config as data_config
-from dali_ba.config import ConfigError, DataConfig, check_at_least, check_choice
+from dali_ba.config import ConfigError, DataConfig, check_at_least, check_between, check_choice, expand_user_paths
 
 LR_SCALING = ("none", "linear", "sqrt")
 SCHEDULES = ("step", "cosine")
@@ -48,10 +48,11 @@ class OptimConfig:
     label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
-        check_at_least("optim.lr", self.lr, 0.0)
+        if not self.lr > 0:  # 0 would train nothing, without a word
+            raise ConfigError(f"optim.lr: expected a value > 0; got {self.lr!r}")
         check_choice("optim.lr_scaling", self.lr_scaling, LR_SCALING)
         check_at_least("optim.reference_batch", self.reference_batch, 1)
-        check_at_least("optim.momentum", self.momentum, 0.0)
+        check_between("optim.momentum", self.momentum, 0.0, 1.0, high_open=True)  # 1 or more diverges
         check_at_least("optim.weight_decay", self.weight_decay, 0.0)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"optim.label_smoothing: expected 0 <= value < 1; got {self.label_smoothing!r}")
@@ -70,10 +71,13 @@ class ScheduleConfig:
         check_choice("schedule.kind", self.kind, SCHEDULES)
         check_choice("schedule.warmup", self.warmup, WARMUPS)
         check_at_least("schedule.warmup_epochs", self.warmup_epochs, 0.0)
-        check_at_least("schedule.gamma", self.gamma, 0.0)
+        check_between("schedule.gamma", self.gamma, 0.0, 1.0, low_open=True)  # a step schedule decays
         check_at_least("schedule.min_lr", self.min_lr, 0.0)
-        if list(self.milestones) != sorted(self.milestones):
-            raise ConfigError(f"schedule.milestones: expected increasing epochs; got {list(self.milestones)}")
+        if list(self.milestones) != sorted(self.milestones) or any(not m > 0 for m in self.milestones):
+            raise ConfigError(f"schedule.milestones: expected increasing epochs > 0; got {list(self.milestones)}")
+        if self.kind != "cosine" and self.min_lr != 0:
+            raise ConfigError(f"schedule.min_lr: only schedule.kind=cosine decays to it; got {self.min_lr!r} "
+                              f"with kind={self.kind}")
 
 
 @dataclass(frozen=True)
@@ -96,21 +100,26 @@ class TrainConfig:
     cutmix: float = 0.0  # CutMix's alpha; 0 = off
     mixup_switch_prob: float = 0.5  # with both on: the probability that a sample uses CutMix
     ema_decay: float = 0.0  # EMA of the weights, updated after every step, evaluated and saved beside them; 0 = off
+    nonfinite_limit: int = 0  # steps with a NaN/inf loss skipped before the run stops (trainers/nonfinite.py)
 
     def __post_init__(self) -> None:
-        if self.epochs <= 0:
+        expand_user_paths(self, ("out_dir",) + (() if self.resume in ("auto", "none") else ("resume",)))
+        if not self.epochs > 0:
             raise ConfigError(f"train.epochs: expected a value > 0; got {self.epochs!r}")
+        if not self.out_dir.strip():
+            raise ConfigError("train.out_dir: expected a folder; got an empty path")
         check_at_least("train.mixup", self.mixup, 0.0)
         check_at_least("train.cutmix", self.cutmix, 0.0)
         if not 0.0 <= self.mixup_switch_prob <= 1.0:
             raise ConfigError(f"train.mixup_switch_prob: expected 0 <= value <= 1; got {self.mixup_switch_prob!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay: expected 0 <= value < 1 (0 = off); got {self.ema_decay!r}")
-        for key in ("max_steps", "eval_every", "checkpoint_every", "seed"):
+        for key in ("max_steps", "eval_every", "checkpoint_every", "nonfinite_limit"):
             check_at_least(f"train.{key}", getattr(self, key), 0)
+        check_between("train.seed", self.seed, 0, 2**32 - 1)  # numpy's seed range
         check_at_least("train.log_every", self.log_every, 1)
         check_at_least("train.view_chunks", self.view_chunks, 1)
-        check_at_least("train.dist_timeout_s", self.dist_timeout_s, 1)
+        check_between("train.dist_timeout_s", self.dist_timeout_s, 1, 7 * 24 * 3600)
         check_choice("train.amp", self.amp, AMP_MODES)
 
 
@@ -153,6 +162,12 @@ class Config:
         if (self.train.mixup > 0 or self.train.cutmix > 0) and self.data.batch_size < 2:
             raise ConfigError(f"train.mixup/train.cutmix: mixing pairs different images, so data.batch_size must be "
                               f"at least 2; got {self.data.batch_size}")
+        if self.schedule.warmup_epochs >= self.train.epochs:
+            raise ConfigError(f"schedule.warmup_epochs: {self.schedule.warmup_epochs!r} is not shorter than the run "
+                              f"(train.epochs={self.train.epochs!r}): the LR would never reach optim.lr")
+        if self.schedule.kind == "cosine" and self.schedule.min_lr > self.optim.lr:
+            raise ConfigError(f"schedule.min_lr: {self.schedule.min_lr!r} is above optim.lr={self.optim.lr!r}: "
+                              "the cosine schedule would raise the LR")
         if self.data.dtype == "float16" and self.train.amp == "off":
             raise ConfigError("data.dtype=float16 needs train.amp=fp16 or bf16: an fp32 model cannot take "
                               "float16 images (or set data.dtype=float32)")

@@ -23,6 +23,7 @@ from trainers.ema import WeightEma
 from trainers.evaluate import evaluate
 from trainers.mixing import Mixer
 from trainers.models import build_model
+from trainers.nonfinite import NonFiniteGuard
 from trainers.optim import build_optimizer, set_lr
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,6 +66,7 @@ class Engine:
     eager_loss_fn: Callable
     eval_net: nn.Module
     memory_format: torch.memory_format
+    guard: NonFiniteGuard
     mixer: Optional[Mixer] = None  # train.mixup / train.cutmix
     ema: Optional[WeightEma] = None  # train.ema_decay
 
@@ -72,6 +74,7 @@ class Engine:
              ) -> Tuple[torch.Tensor, Optional[Dict[str, float]]]:
         """One optimizer step on an M·B batch: (the mean loss as a device tensor, diagnostics or None).
         ``step`` (the global step) also seeds the step's mixup/CutMix draws."""
+        self.guard.begin(self.model)  # a non-finite step puts BatchNorm's statistics back (nonfinite.py)
         set_lr(self.optimizer, lr)
         if self.mixer is not None:  # labels become soft targets [M·B, classes]
             images, labels = self.mixer(images, labels, step)
@@ -88,8 +91,7 @@ class Engine:
             if self.scaler.is_enabled():
                 self.scaler.unscale_(self.optimizer)
             diag = self.monitor.measure(self.ddp, self.env)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.guard.step(self.optimizer, self.scaler, loss, step)  # skips a non-finite update (nonfinite.py)
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.model)
@@ -140,5 +142,6 @@ def build_engine(cfg: Config, env: tdist.DistEnv, num_classes: int) -> Engine:
         mixer = Mixer(t.mixup, t.cutmix, t.mixup_switch_prob, num_classes, cfg.data.batch_size, cfg.data.num_views,
                       t.seed, env.rank)
     ema = WeightEma(model, t.ema_decay) if t.ema_decay > 0 else None
+    guard = NonFiniteGuard(env.device, env.distributed)
     return Engine(cfg, env, model, ddp, optimizer, scaler, monitor, autocast, loss_fn, eager_loss_fn,
-                  torch.compile(model) if cfg.train.compile else model, fmt, mixer, ema)
+                  torch.compile(model) if cfg.train.compile else model, fmt, guard, mixer, ema)

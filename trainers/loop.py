@@ -7,14 +7,17 @@ has the same steps and LR schedule as the M=1 baseline unless a scaling rule say
 Ranks agree once per step, in one small CPU collective right after each fetched its batch and
 before any starts the step's DDP collectives: did every rank get its batch (a file that fails to
 decode stops every rank after a checkpoint pointing at that batch), did a signal arrive
-(SIGTERM/SIGUSR1: every rank checkpoints and exits 0), and, every ``train.log_every`` steps, the
-loss since the last line (the only host sync for logging). Faults: docs/reliability.md.
+(SIGTERM/SIGUSR1: every rank checkpoints and exits 0; SIGINT: the same, exit 130), and, every
+``train.log_every`` steps, the loss since the last line and the count of non-finite steps (the only
+host sync for logging; ``nonfinite.py``). Set-up steps that may fail on some ranks end in one
+agreement (``faults.agreed``). Faults: docs/reliability.md.
 """
 from __future__ import annotations
 
 import gc
+import math
+import os
 import random
-import signal
 import sys
 import time
 from contextlib import closing
@@ -25,36 +28,27 @@ import torch
 from tqdm import tqdm
 
 from dali_ba import BatchAugmentLoader, EvalLoader
-from dali_ba.config import config_to_dict, save_config
-from dali_ba.errors import ConfigError, DecodeError, LoaderStateError
+from dali_ba.config import config_to_dict
+from dali_ba.errors import ConfigError, DecodeError, LoaderOutOfMemory, LoaderStateError
 from dali_ba.packed import is_packed
 from trainers import checkpoint as ckpt
 from trainers import dist as tdist
+from trainers import outdir, resources
 from trainers.config import Config, for_world
 from trainers.engine import Engine, build_engine
-from trainers.faults import DataFailure, gather_failure
+from trainers.faults import DataFailure, agreed, gather_failure
 from trainers.host_memory import keep_freed_host_memory
 from trainers.metrics import MetricsLogger, TrainWindow
+from trainers.nonfinite import nonfinite_entries
+from trainers.run_lock import RunLock
 from trainers.schedule import build_schedule
+from trainers.signals import INTERRUPTED_EXIT, StopSignal
 
 PREEMPTED = "PREEMPTED"  # written to train.out_dir after a signal-triggered checkpoint (SLURM requeues)
 
 
-class StopSignal:
-    """SIGTERM / SIGUSR1 (SLURM pre-emption) set a flag; the loop saves and exits at a step boundary."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.received = None
-        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
+class NonFiniteLoss(DataFailure):
+    """More steps had a NaN/inf loss than ``train.nonfinite_limit`` allows: every rank stops."""
 
 
 def endless(loader):
@@ -112,47 +106,91 @@ def restore(state: dict, path: Path, engine: Engine, loader: BatchAugmentLoader,
     return state["step"], state["best_top1"], note
 
 
-def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
+def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal, lock: RunLock | None = None) -> int:
     cfg = for_world(cfg, env.world)  # data.global_batch_size → this world's data.batch_size
     out = Path(cfg.train.out_dir)
-    resume_from = ckpt.resolve_resume(cfg.train.resume, out)  # every rank, before any collective
-    state = ckpt.load(resume_from) if resume_from is not None else None
-    if state is not None:
-        packed = cfg.data.train_list is None and is_packed(cfg.data.train_root)
-        ckpt.check_compatible(state, config_to_dict(cfg), env.world, resume_from, packed=packed)
+    with agreed(env):  # a resume that does not fit: the same on every rank, said once
+        resume_from = ckpt.resolve_resume(cfg.train.resume, out)
+        state = ckpt.load(resume_from) if resume_from is not None else None
+        if state is not None:
+            packed = cfg.data.train_list is None and is_packed(cfg.data.train_root)
+            ckpt.check_compatible(state, config_to_dict(cfg), env.world, resume_from, packed=packed)
 
     # -- data, model, schedule ----------------------------------------------------------------
     seed = cfg.train.seed
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-    loader, val = build_loaders(cfg)
+    with agreed(env):
+        resources.check_host_memory(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        loader, val = build_loaders(cfg)
+        lr_at = build_schedule(cfg, len(loader), env.world)
     engine = build_engine(cfg, env, cfg.model.num_classes or len(loader.classes))
     steps_per_epoch = len(loader)
-    lr_at = build_schedule(cfg, steps_per_epoch, env.world)
     stop_at = min(lr_at.total_steps, cfg.train.max_steps or lr_at.total_steps)
-    step, best_top1, data_note = 0, -1.0, None
-    if state is not None:
-        step, best_top1, data_note = restore(state, resume_from, engine, loader, env, seed)
-        del state
-
-    # Only now, with the data, the model and the checkpoint accepted, does the run touch out_dir.
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / PREEMPTED).unlink(missing_ok=True)
-        ckpt.remove_stale_temporaries(ckpt.checkpoint_dir(out))  # left by a process killed mid-write
-        save_config(cfg, out / "config.yaml")
+    step, best_top1, data_note, saved_step = 0, -1.0, None, None
+    # Only now, with the data, the model and the checkpoint accepted, does the run touch out_dir
+    # (rank 0 takes it; a refusal, like a resume that fails on some rank, stops every rank).
+    with agreed(env):
+        if state is not None:
+            step, best_top1, data_note = restore(state, resume_from, engine, loader, env, seed)
+            engine.guard.load_state_dict(state.get("nonfinite"))
+            saved_step = step
+            del state
+        if env.is_main:
+            size = 2 * sum(t.numel() * t.element_size() for t in engine.model.state_dict().values())
+            outdir.take(cfg, lock or RunLock(out), size)
+            (out / PREEMPTED).unlink(missing_ok=True)
     log = MetricsLogger(out / "metrics.jsonl", env.is_main, out / "tensorboard" if cfg.train.tensorboard else None)
     last_pt = ckpt.checkpoint_dir(out) / ckpt.LAST
 
-    def save(paths, loader_state=None):
-        ckpt.save_checkpoint(paths, env, step=step, engine=engine, loader=loader, config=config_to_dict(cfg),
-                             best_top1=best_top1, schedule=lr_at, loader_state=loader_state)
+    def kept() -> str:
+        return f"{last_pt} (step {saved_step}) is kept" if saved_step is not None else "no checkpoint was saved yet"
 
-    def stop_on_data_failure(message: str, loader_state=None, validation: bool = False):
+    def save(paths, loader_state=None):
+        nonlocal saved_step
+        broken = nonfinite_entries(engine.model.state_dict())  # never save weights that are not finite
+        if broken:
+            raise NonFiniteLoss(f"the model's state is not finite after step {step} ({', '.join(broken[:3])}"
+                                f"{', ...' if len(broken) > 3 else ''}): not saved; {kept()}; lower optim.lr or "
+                                "lengthen schedule.warmup_epochs")
+        ckpt.save_checkpoint(paths, env, step=step, engine=engine, loader=loader, config=config_to_dict(cfg),
+                             best_top1=best_top1, schedule=lr_at, loader_state=loader_state,
+                             extra={"nonfinite": engine.guard.state_dict()})
+        if last_pt in paths:
+            saved_step = step
+
+    def check_nonfinite(total: float, loader_state=None) -> None:
+        """Stop once more steps were not finite than train.nonfinite_limit allows (all ranks agree)."""
+        if total == 0:
+            return
+        seen = [s for s in tdist.gather_objects(env, engine.guard.state_dict()) if s["count"]]
+        count = int(max(s["count"] for s in seen))
+        if count <= cfg.train.nonfinite_limit:
+            return
+        first = min(seen, key=lambda s: s["first_step"])
+        what = "gradients or BatchNorm statistics were" if math.isfinite(first["first_loss"]) else "loss was"
+        message = (f"the {what} not finite at step {first['first_step']} (loss {first['first_loss']:.4g})"
+                   + (f" and at {count - 1} more step(s)" if count > 1 else "")
+                   + f"; their updates were skipped (train.nonfinite_limit={cfg.train.nonfinite_limit})")
+        broken = nonfinite_entries(engine.model.state_dict())
+        if broken:  # e.g. BatchNorm statistics of the forward pass: the last good checkpoint stays
+            outcome = f"its state is not finite ({', '.join(broken[:3])}), so it was not saved; {kept()}"
+        else:
+            save([last_pt], loader_state)
+            outcome = f"saved {last_pt} (its weights are finite)"
+        log.log("event", step, step / steps_per_epoch, event="stopped", reason="nonfinite_loss", message=message)
+        log.close()
+        raise NonFiniteLoss(f"{message}; training stopped after step {step} and {outcome}: lower optim.lr or lengthen "
+                            "schedule.warmup_epochs (a new run: train.resume=none), or resume with a higher "
+                            "train.nonfinite_limit to skip such steps")
+
+    def stop_on_data_failure(message: str, loader_state=None, validation: bool = False, advice: str = ""):
         """Every rank: checkpoint the last completed step (the loader at the batch that failed), stop."""
         save([last_pt], loader_state)
         log.log("event", step, step / steps_per_epoch, event="stopped", reason="decode_error", message=message)
         log.close()
-        if validation:
+        if advice:
+            pass  # the caller's (out of memory in the loader)
+        elif validation:
             advice = (f"replace or remove the file(s) under {cfg.data.val_root} and run again to resume at step {step} "
                       "(the evaluation that failed is not repeated)")
         elif loader.packed or "://" in loader.dataset.root:
@@ -169,14 +207,16 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
         if env.is_main:
             print(f"trainers.train: warning: {data_note}", file=sys.stderr, flush=True)
     window = TrainWindow(env.device)
-    preempted, last_eval = None, None
+    preempted, interrupted, last_eval = None, False, None
 
     # -- the loop --------------------------------------------------------------------------------
     def due(every: int) -> bool:  # every N steps; N = 0: at each epoch end
         return step % (every or steps_per_epoch) == 0
 
-    def log_window(loss_sum: float) -> None:
+    def log_window(loss_sum: float, nonfinite: float = 0.0) -> None:
         row = window.row(loss_sum, env.world, cfg.data.batch_size, cfg.data.num_views, lr_at(step - 1))
+        if nonfinite:  # skipped so far, over all ranks (train.nonfinite_limit > 0)
+            row["nonfinite_steps"] = int(nonfinite)
         log.log("train", step, step / steps_per_epoch, **row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.4g}", img_s=f"{row['images_per_s']:.0f}")
 
@@ -187,23 +227,34 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
             resume_state = loader.state_dict()  # resumes with the batch fetched next
             try:
                 batch, failure = next(batches), None
-            except DecodeError as exc:
+            except (DecodeError, LoaderOutOfMemory) as exc:
                 batch, failure = None, exc
             log_due = window.steps > 0 and step % cfg.train.log_every == 0
-            agreed = tdist.all_reduce_sum(env, [float(failure is not None), float(stop.received is not None)]
-                                          + ([window.loss_sum()] if log_due else []))
+            agree = tdist.all_reduce_sum(env, [float(failure is not None), *stop.flags()]
+                                         + ([window.loss_sum(), engine.guard.count()] if log_due else []))
             if log_due:
-                log_window(agreed[2])
-            if agreed[0] > 0:
-                stop_on_data_failure(gather_failure(env, failure), resume_state)
-            if agreed[1] > 0:  # the fetched batch is not trained on: the checkpoint resumes with it
-                preempted = stop.received or "signal on another rank"
+                log_window(agree[3], agree[4])
+                check_nonfinite(agree[4], resume_state)
+            if agree[0] > 0:
+                oom = isinstance(failure, LoaderOutOfMemory)
+                stop_on_data_failure(gather_failure(env, failure), resume_state, advice=resources.hint(cfg) + (
+                    "; data.prefetch and data.num_threads may change on resume") if oom else "")
+            if agree[1] > 0 or agree[2] > 0:  # the fetched batch is not trained on: the checkpoint resumes with it
+                interrupted = agree[2] > 0
+                preempted = stop.received or ("SIGINT" if interrupted else "a signal") + " on another rank"
                 save([last_pt], resume_state)
                 break
             images, labels = (t.to(env.device, non_blocking=True) for t in batch)
             del batch
             t_data = time.perf_counter()
-            loss, diag = engine.step(images, labels, lr_at(step), step)
+            try:
+                loss, diag = engine.step(images, labels, lr_at(step), step)
+            except Exception as exc:  # noqa: BLE001 - only running out of memory becomes a line with a hint
+                if not resources.is_out_of_memory(exc):
+                    raise
+                kept = f"{last_pt} (step {saved_step})" if saved_step is not None else "no checkpoint yet"
+                raise resources.out_of_memory(exc, cfg, f"in training step {step + 1}",
+                                              f"the steps since the last checkpoint are lost ({kept})") from None
             step += 1
             window.add(loss, t_data - t0, time.perf_counter() - t0)
             bar.update(1)
@@ -227,15 +278,26 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
             if step == stop_at or due(cfg.train.checkpoint_every):
                 paths.append(last_pt)
             if paths:
+                loss_sum, bad = tdist.all_reduce_sum(env, [window.loss_sum(), engine.guard.count()])
                 if window.steps:  # a checkpoint never gets ahead of the train lines
-                    log_window(tdist.all_reduce_sum(env, [window.loss_sum()])[0])
+                    log_window(loss_sum, bad)
+                check_nonfinite(bad)
                 save(paths)
         if window.steps:  # the steps since the last train line (after a signal)
-            log_window(tdist.all_reduce_sum(env, [window.loss_sum()])[0])
+            loss_sum, bad = tdist.all_reduce_sum(env, [window.loss_sum(), engine.guard.count()])
+            log_window(loss_sum, bad)
+            check_nonfinite(bad)
     if not preempted and val is not None and last_eval is None:  # resumed a finished run: report it again
         last_eval = engine.evaluate(val)
         log.log("eval", step, step / steps_per_epoch, **last_eval)
 
+    if interrupted:
+        log.log("event", step, step / steps_per_epoch, event="interrupted", signal=preempted)
+        if env.is_main:
+            print(f"trainers.train: interrupted ({preempted}) at step {step}: checkpoint saved in {last_pt.parent}; "
+                  "run the same command again to resume", file=sys.stderr, flush=True)
+        log.close()
+        return stop.exit_code if stop.interrupted else INTERRUPTED_EXIT
     if preempted:
         log.log("event", step, step / steps_per_epoch, event="preempted", signal=preempted)
         if env.is_main:
@@ -245,6 +307,9 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
         log.log("event", step, step / steps_per_epoch, event="end")
         if env.is_main:
             summary = f"done: step {step}/{lr_at.total_steps} (epoch {step / steps_per_epoch:.2f})"
+            skipped = int(engine.guard.count())
+            if skipped:
+                summary += f"; {skipped} step(s) that were not finite were skipped (train.nonfinite_limit)"
             if last_eval is not None:
                 e = last_eval
                 summary += f"; val_top1 {e['val_top1']:.2f}%, val_top5 {e['val_top5']:.2f}% on {e['val_images']} images"
@@ -254,16 +319,19 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal) -> int:
 
 
 def run(cfg: Config) -> int:
-    """Train under torchrun or as one process; returns the exit code (0 also when pre-empted)."""
+    """Train under torchrun or as one process; returns the exit code (0 also when pre-empted, 130
+    when interrupted by SIGINT after a checkpoint)."""
     keep_freed_host_memory()  # CPU steps would otherwise page-fault their activations in anew
     env = tdist.setup(cfg.train.dist_timeout_s)
-    stop = StopSignal()
+    stop = StopSignal(announce=env.is_main)
+    lock = RunLock(cfg.train.out_dir)
     finished = False
     try:
-        code = fit(cfg, env, stop)  # model, DDP and loaders are dropped when fit returns
+        code = fit(cfg, env, stop, lock)  # model, DDP and loaders are dropped when fit returns
         finished = True
         return code
     finally:
+        lock.release()
         stop.restore()
         gc.collect()
         if finished:

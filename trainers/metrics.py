@@ -15,6 +15,9 @@ run again after the last checkpoint appear twice, and readers keep the last line
     samples_per_s  samples (augmented views) per second over all ranks (M·B·world per step)
     data_time      seconds per step rank 0 waited for the loader (mean since the previous line)
     step_time      seconds per step, wall clock (mean since the previous line)
+    nonfinite_steps  steps skipped so far because they were not finite (only when some were,
+                   with ``train.nonfinite_limit`` > 0; ``trainers/nonfinite.py``); ``loss`` is then
+                   null for a line whose steps include one
 
 ``kind: "eval"`` — every ``train.eval_every`` steps (0: each epoch end) and at the last step:
     val_top1, val_top5   accuracy in % over every validation image exactly once (all ranks)
@@ -52,10 +55,12 @@ estimators). Gradient norms are of the mean-loss gradient, in image units (an im
     probe                which probe ran: "view" or "half"; probe_view: the view index
 
 ``kind: "event"`` — ``event`` is ``start`` (with ``resumed_from`` when resuming), ``preempted``
-(a signal arrived; a checkpoint was saved), ``stopped`` (``reason: decode_error``, ``message``: a
-file failed to decode; a checkpoint was saved), ``data_changed`` (resumed, but not bit for bit:
-the training set changed, DALI could not restore its state, or the run continues on another number
-of ranks; ``message`` says how the data continues) or ``end``.
+(SIGTERM/SIGUSR1 arrived; a checkpoint was saved), ``interrupted`` (SIGINT; a checkpoint was saved),
+``stopped`` (``message`` says why; ``reason: decode_error``: a file failed to decode, a checkpoint
+was saved; ``reason: nonfinite_loss``: more steps than ``train.nonfinite_limit`` were not finite),
+``data_changed`` (resumed, but not bit for bit: the training set changed, DALI could not restore its
+state, or the run continues on another number of ranks; ``message`` says how the data continues)
+or ``end``.
 
 A process killed while writing can leave a last line without its newline: the next run starts on a
 new line, and readers skip a line that is not valid JSON.
@@ -64,6 +69,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -96,6 +102,7 @@ class MetricsLogger:
             with open(path, "rb") as f:
                 f.seek(-1, 2)
                 torn = f.read(1) != b"\n"
+        self._path, self._lost, self._torn = path, 0, False
         self._file = open(path, "a", buffering=1)
         if torn:  # the previous process died mid-line: keep our lines whole
             self._file.write("\n")
@@ -107,17 +114,37 @@ class MetricsLogger:
                   "time": round(time.time() - self.start, 3)}
         record.update({k: _clean(v) for k, v in values.items()})
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
+            self._write(json.dumps(record) + "\n")
         if self._tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "time"):
                     self._tb.add_scalar(f"{kind}/{k}", v, step)
         return record
 
+    def _write(self, line: str) -> None:
+        """Append a line; a failed write (a full disk) loses the line, not the run: one warning says
+        so, the count is given at the end, and writing goes on when it can (on a new line)."""
+        try:
+            self._file.write(("\n" if self._torn else "") + line)  # a failed write may have left half a line
+            self._file.flush()
+            self._torn = False
+        except OSError as exc:
+            if not self._lost:
+                print(f"trainers.train: warning: cannot write {self._path} ({exc.strerror or exc}): metrics lines are "
+                      "being lost; training goes on", file=sys.stderr, flush=True)
+            self._lost += 1
+            self._torn = True
+
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:
+                pass
             self._file = None
+            if self._lost:
+                print(f"trainers.train: warning: {self._lost} metrics line(s) could not be written to {self._path}",
+                      file=sys.stderr, flush=True)
         if self._tb is not None:
             self._tb.close()
             self._tb = None

@@ -66,7 +66,7 @@ def build_schedule(cfg, steps_per_epoch: int, world: int) -> LRSchedule:
         cfg.optim.reference_batch, cfg.data.batch_size, cfg.data.num_views, world, cfg.optim.scale_with_views
     )
     warmup_epochs = cfg.schedule.warmup_epochs * (k if cfg.schedule.warmup == "legw" else 1.0)
-    return LRSchedule(
+    schedule = LRSchedule(
         peak_lr=scaled_lr(cfg.optim.lr, cfg.optim.lr_scaling, k),
         total_steps=total_steps(cfg.train.epochs, steps_per_epoch),
         warmup_steps=int(round(warmup_epochs * steps_per_epoch)),
@@ -75,3 +75,20 @@ def build_schedule(cfg, steps_per_epoch: int, world: int) -> LRSchedule:
         gamma=cfg.schedule.gamma,
         min_lr=cfg.schedule.min_lr,
     )
+    check_schedule(schedule, cfg)
+    return schedule
+
+
+def check_schedule(schedule: LRSchedule, cfg) -> None:
+    """ConfigError for a schedule that never reaches its peak or rises where it should decay, once
+    the scaling rule and the number of steps are known (``trainers.config`` checks the plain values)."""
+    from dali_ba.errors import ConfigError
+
+    if schedule.warmup_steps >= schedule.total_steps:
+        rule = " (schedule.warmup=legw lengthens it with the batch)" if cfg.schedule.warmup == "legw" else ""
+        raise ConfigError(f"schedule.warmup_epochs: the warmup takes {schedule.warmup_steps} steps{rule}, the run "
+                          f"{schedule.total_steps}: the LR would never reach its peak; shorten the warmup")
+    if schedule.kind == "cosine" and schedule.min_lr > schedule.peak_lr:
+        raise ConfigError(f"schedule.min_lr: {schedule.min_lr:g} is above the peak LR {schedule.peak_lr:g} (optim.lr "
+                          f"{cfg.optim.lr:g} scaled by optim.lr_scaling={cfg.optim.lr_scaling}): the cosine schedule "
+                          "would raise the LR")

@@ -258,7 +258,9 @@ def prepare_fashion_mnist(out: str | os.PathLike, source: str | os.PathLike | No
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", help="output folder (gets train/ and val/)")
+    from dali_ba.dataset import expand_path
+
+    parser.add_argument("out", type=expand_path, help="output folder (gets train/ and val/)")
     parser.add_argument("--source", default=None,
                         help=f"folder with the 4 idx .gz files (default: {SYSTEM_DIR}, the cache, "
                              "or apt-get download)")
@@ -267,6 +269,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dali_ba.outputs import check_output_dir
+
+    check_output_dir(args.out, "OUT")
     for flag in ("limit_train", "limit_val"):
         value = getattr(args, flag)
         if value is not None and value < 1:

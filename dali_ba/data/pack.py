@@ -260,9 +260,14 @@ def _write_shards(output, dataset, label_map: list[int], split: str, shard_bytes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="ImageFolder root (SRC/<class>/<image>) or the root of --file-list")
-    parser.add_argument("out", help="output folder or s3://bucket/prefix (shards, indexes, dataset.json)")
-    parser.add_argument("--file-list", default=None, help="pack the files of a 'relative/path label' list under SRC")
+    from dali_ba.dataset import expand_path
+
+    parser.add_argument("src", type=expand_path,
+                        help="ImageFolder root (SRC/<class>/<image>) or the root of --file-list")
+    parser.add_argument("out", type=expand_path,
+                        help="output folder or s3://bucket/prefix (shards, indexes, dataset.json)")
+    parser.add_argument("--file-list", default=None, type=expand_path,
+                        help="pack the files of a 'relative/path label' list under SRC")
     parser.add_argument("--split", default="train",
                         help="split name, the shards' prefix (default: %(default)s); several splits share OUT")
     parser.add_argument("--shard-size", default=DEFAULT_SHARD_SIZE, metavar="SIZE",
@@ -289,7 +294,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_pixels is not None and args.max_pixels < 0:
+    if args.shuffle_seed < 0:
+        raise UserError(f"--shuffle-seed: expected a value >= 0; got {args.shuffle_seed}")
+    if args.max_pixels is not None and not args.max_pixels >= 0:  # also NaN
         raise UserError(f"--max-pixels: expected a value >= 0; got {args.max_pixels:g}")
     result = pack(args.src, args.out, split=args.split, file_list=args.file_list, shard_size=args.shard_size,
                   max_side=args.max_side, quality=args.quality, workers=args.workers,

@@ -47,13 +47,13 @@ class LocalOutput:
         """Create the folder; UserError if it is a file or cannot be written."""
         if self.root.exists() and not self.root.is_dir():
             raise UserError(f"output {self.root} exists and is not a folder")
+        from dali_ba.outputs import probe_write
+
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / f".dali-ba-write-test{PARTIAL}"
-            probe.write_bytes(b"")
-            probe.unlink()
         except OSError as exc:
             raise _os_error(exc, self.root, "write to") from None
+        probe_write(self.root, f"output {self.root}")  # a real write: a full disk fails here, before any work
 
     def clean(self, split: str) -> int:
         """Delete what an interrupted run left (``.<split>-*.partial``, a partial manifest); their number."""

@@ -96,6 +96,8 @@ def make_synthetic_imagefolder(out: str | os.PathLike, images: int, classes: int
     from tqdm import tqdm
 
     out = Path(out)
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")
     if classes < 1:
         raise UserError(f"--classes must be >= 1, got {classes}")
     if images < classes:
@@ -143,7 +145,9 @@ def make_synthetic_imagefolder(out: str | os.PathLike, images: int, classes: int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", help="output folder (gets train/ and, with --val-images, val/)")
+    from dali_ba.dataset import expand_path
+
+    parser.add_argument("out", type=expand_path, help="output folder (gets train/ and, with --val-images, val/)")
     parser.add_argument("--images", type=int, required=True, help="training images in total")
     parser.add_argument("--classes", type=int, required=True, help="number of class folders")
     parser.add_argument("--val-images", type=int, default=0, help="validation images (default 0)")
@@ -154,6 +158,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dali_ba.outputs import check_output_dir
+
+    check_output_dir(args.out, "OUT")
     out = make_synthetic_imagefolder(args.out, args.images, args.classes,
                                      val_images=args.val_images, seed=args.seed,
                                      quality=args.quality, overwrite=args.overwrite)

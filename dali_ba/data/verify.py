@@ -213,10 +213,12 @@ def decode_check_one(path: str) -> str | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("root", help="ImageFolder root (ROOT/<class>/<image>) or file-list root")
-    parser.add_argument("--file-list", default=None,
+    from dali_ba.dataset import expand_path
+
+    parser.add_argument("root", type=expand_path, help="ImageFolder root (ROOT/<class>/<image>) or file-list root")
+    parser.add_argument("--file-list", default=None, type=expand_path,
                         help="check the files of a 'relative/path label' list (relative to ROOT)")
-    parser.add_argument("--write-clean-list", default=None, metavar="OUT.txt",
+    parser.add_argument("--write-clean-list", default=None, metavar="OUT.txt", type=expand_path,
                         help="write the decodable files as a 'relative/path label' file list")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2,
                         help="DALI decode threads (default: all cores)")
@@ -227,10 +229,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dali_ba.dataset import ignored_entries, scan_image_folder
+    from dali_ba.dataset import DatasetError, ignored_entries, list_line, scan_image_folder, write_file_list
+    from dali_ba.outputs import check_output_file
 
-    if args.max_pixels < 0:
+    if not args.max_pixels >= 0:  # also NaN
         raise UserError(f"--max-pixels: expected a value >= 0; got {args.max_pixels:g}")
+    if args.threads < 1 or args.batch_size < 1:
+        raise UserError(f"--threads and --batch-size: expected values >= 1; got {args.threads} and {args.batch_size}")
+    clean_list = check_output_file(args.write_clean_list, "--write-clean-list")  # before hours of decoding
     dataset = scan_image_folder(args.root, file_list=args.file_list, allow_empty_classes=True)
     report = verify_files(dataset.files, num_threads=args.threads, batch_size=args.batch_size,
                           max_pixels=int(args.max_pixels))
@@ -257,18 +263,23 @@ def run(args: argparse.Namespace) -> int:
         if ignored:
             shown = ", ".join(os.path.relpath(p, dataset.root) for p in ignored[:3])
             print(f"ignored {len(ignored)} hidden or non-image entries, as the loader does (e.g. {shown})")
-    if args.write_clean_list:
+    unwritable = []
+    if clean_list is not None:
         left_out = {b.path for b in report.bad + report.large}
-        out = Path(args.write_clean_list)
-        lines = [f"{os.path.relpath(path, dataset.root)} {int(label)}"
-                 for path, label in zip(dataset.files, dataset.labels) if path not in left_out]
+        lines = []
+        for path, label in zip(dataset.files, dataset.labels):
+            if path in left_out:
+                continue
+            try:
+                lines.append(list_line(os.path.relpath(path, dataset.root), int(label)))
+            except DatasetError as exc:
+                unwritable.append(path)
+                print(f"{path!r}: left out of the clean list: {exc} (rename the file)")
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in lines))
-            os.replace(tmp, out)  # a reader never sees a half-written list
+            clean_list.parent.mkdir(parents=True, exist_ok=True)
+            write_file_list(clean_list, lines)
         except OSError as exc:
-            raise UserError(f"cannot write the clean list {out}: {exc.strerror or exc}") from exc
-        print(f"wrote {len(lines)} usable files to {out} "
+            raise UserError(f"cannot write the clean list {clean_list}: {exc.strerror or exc}") from exc
+        print(f"wrote {len(lines)} usable files to {clean_list} "
               f"(use it as a file list with root {dataset.root})")
-    return 1 if report.bad or report.large or empty else 0
+    return 1 if report.bad or report.large or empty or unwritable else 0
