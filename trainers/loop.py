@@ -106,6 +106,66 @@ def restore(state: dict, path: Path, engine: Engine, loader: BatchAugmentLoader,
     return state["step"], state["best_top1"], note
 
 
+def nonfinite_message(states: list, limit: int):
+    """The one line for ranks' non-finite step counts (``NonFiniteGuard.state_dict()`` each), or None
+    while every count is within ``limit``."""
+    seen = [s for s in states if s["count"]]
+    count = int(max((s["count"] for s in seen), default=0))
+    if count <= limit:
+        return None
+    first = min(seen, key=lambda s: s["first_step"])
+    what = "gradients or BatchNorm statistics were" if math.isfinite(first["first_loss"]) else "loss was"
+    return (f"the {what} not finite at step {first['first_step']} (loss {first['first_loss']:.4g})"
+            + (f" and at {count - 1} more step(s)" if count > 1 else "")
+            + f"; their updates were skipped (train.nonfinite_limit={limit})")
+
+
+def data_failure_advice(cfg: Config, loader: BatchAugmentLoader, step: int, validation: bool) -> str:
+    """What the user can do after a file failed to load and the run stopped at ``step``."""
+    if validation:
+        return (f"replace or remove the file(s) under {cfg.data.val_root} and run again to resume at step {step} "
+                "(the evaluation that failed is not repeated)")
+    if loader.packed or "://" in loader.dataset.root:
+        return f"run again to resume exactly there once {loader.dataset.root} can be read"
+    return (f"replace the file(s) and run again to resume exactly there, or leave them out (data.train_list= "
+            f"a clean list) and run again to resume at step {step} with the epoch re-shuffled")
+
+
+def eval_line(metrics: dict) -> str:
+    """An evaluation's accuracy and loss (and its EMA's), for the progress bar."""
+    ema = f"  val_top1_ema {metrics['val_top1_ema']:.2f}%" if "val_top1_ema" in metrics else ""
+    return (f"val_top1 {metrics['val_top1']:.2f}%  val_top5 {metrics['val_top5']:.2f}%  "
+            f"val_loss {metrics['val_loss']:.4f}{ema}")
+
+
+def report_end(log: MetricsLogger, env: tdist.DistEnv, out: Path, step: int, epoch: float, total_steps: int,
+               preempted, interrupted: bool, last_eval, skipped: int, stop: StopSignal) -> int:
+    """The run's last event and line; the exit code (0, or the interrupting signal's)."""
+    if interrupted:
+        log.log("event", step, epoch, event="interrupted", signal=preempted)
+        if env.is_main:
+            print(f"trainers.train: interrupted ({preempted}) at step {step}: checkpoint saved in "
+                  f"{ckpt.checkpoint_dir(out)}; run the same command again to resume", file=sys.stderr, flush=True)
+        return stop.exit_code if stop.interrupted else INTERRUPTED_EXIT
+    if preempted:
+        log.log("event", step, epoch, event="preempted", signal=preempted)
+        if env.is_main:
+            (out / PREEMPTED).write_text(f"{preempted} at step {step}; resume with train.resume=auto\n")
+            print(f"pre-empted ({preempted}) at step {step}: checkpoint saved in {ckpt.checkpoint_dir(out)}",
+                  flush=True)
+        return 0
+    log.log("event", step, epoch, event="end")
+    if env.is_main:
+        summary = f"done: step {step}/{total_steps} (epoch {epoch:.2f})"
+        if skipped:
+            summary += f"; {skipped} step(s) that were not finite were skipped (train.nonfinite_limit)"
+        if last_eval is not None:
+            e = last_eval
+            summary += f"; val_top1 {e['val_top1']:.2f}%, val_top5 {e['val_top5']:.2f}% on {e['val_images']} images"
+        print(f"{summary}; outputs in {out}", flush=True)
+    return 0
+
+
 def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal, lock: RunLock | None = None) -> int:
     cfg = for_world(cfg, env.world)  # data.global_batch_size → this world's data.batch_size
     out = Path(cfg.train.out_dir)
@@ -162,15 +222,9 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal, lock: RunLock | None 
         """Stop once more steps were not finite than train.nonfinite_limit allows (all ranks agree)."""
         if total == 0:
             return
-        seen = [s for s in tdist.gather_objects(env, engine.guard.state_dict()) if s["count"]]
-        count = int(max(s["count"] for s in seen))
-        if count <= cfg.train.nonfinite_limit:
+        message = nonfinite_message(tdist.gather_objects(env, engine.guard.state_dict()), cfg.train.nonfinite_limit)
+        if message is None:
             return
-        first = min(seen, key=lambda s: s["first_step"])
-        what = "gradients or BatchNorm statistics were" if math.isfinite(first["first_loss"]) else "loss was"
-        message = (f"the {what} not finite at step {first['first_step']} (loss {first['first_loss']:.4g})"
-                   + (f" and at {count - 1} more step(s)" if count > 1 else "")
-                   + f"; their updates were skipped (train.nonfinite_limit={cfg.train.nonfinite_limit})")
         broken = nonfinite_entries(engine.model.state_dict())
         if broken:  # e.g. BatchNorm statistics of the forward pass: the last good checkpoint stays
             outcome = f"its state is not finite ({', '.join(broken[:3])}), so it was not saved; {kept()}"
@@ -188,16 +242,7 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal, lock: RunLock | None 
         save([last_pt], loader_state)
         log.log("event", step, step / steps_per_epoch, event="stopped", reason="decode_error", message=message)
         log.close()
-        if advice:
-            pass  # the caller's (out of memory in the loader)
-        elif validation:
-            advice = (f"replace or remove the file(s) under {cfg.data.val_root} and run again to resume at step {step} "
-                      "(the evaluation that failed is not repeated)")
-        elif loader.packed or "://" in loader.dataset.root:
-            advice = f"run again to resume exactly there once {loader.dataset.root} can be read"
-        else:
-            advice = (f"replace the file(s) and run again to resume exactly there, or leave them out (data.train_list= "
-                      f"a clean list) and run again to resume at step {step} with the epoch re-shuffled")
+        advice = advice or data_failure_advice(cfg, loader, step, validation)
         raise DataFailure(f"{message}; training stopped after step {step} and saved {last_pt}: {advice}") from None
 
     log.log("event", step, step / steps_per_epoch, event="start", world=env.world, steps_per_epoch=steps_per_epoch,
@@ -212,6 +257,12 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal, lock: RunLock | None 
     # -- the loop --------------------------------------------------------------------------------
     def due(every: int) -> bool:  # every N steps; N = 0: at each epoch end
         return step % (every or steps_per_epoch) == 0
+
+    def flush_window() -> None:  # collective: the loss and non-finite count since the last line
+        loss_sum, bad = tdist.all_reduce_sum(env, [window.loss_sum(), engine.guard.count()])
+        if window.steps:
+            log_window(loss_sum, bad)
+        check_nonfinite(bad)
 
     def log_window(loss_sum: float, nonfinite: float = 0.0) -> None:
         row = window.row(loss_sum, env.world, cfg.data.batch_size, cfg.data.num_views, lr_at(step - 1))
@@ -247,14 +298,8 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal, lock: RunLock | None 
             images, labels = (t.to(env.device, non_blocking=True) for t in batch)
             del batch
             t_data = time.perf_counter()
-            try:
-                loss, diag = engine.step(images, labels, lr_at(step), step)
-            except Exception as exc:  # noqa: BLE001 - only running out of memory becomes a line with a hint
-                if not resources.is_out_of_memory(exc):
-                    raise
-                kept = f"{last_pt} (step {saved_step})" if saved_step is not None else "no checkpoint yet"
-                raise resources.out_of_memory(exc, cfg, f"in training step {step + 1}",
-                                              f"the steps since the last checkpoint are lost ({kept})") from None
+            last_saved = f"{last_pt} (step {saved_step})" if saved_step is not None else "no checkpoint yet"
+            loss, diag = resources.explained_step(engine, images, labels, lr_at(step), step, last_saved)
             step += 1
             window.add(loss, t_data - t0, time.perf_counter() - t0)
             bar.update(1)
@@ -269,53 +314,25 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal, lock: RunLock | None 
                     stop_on_data_failure(str(exc), validation=True)
                 log.log("eval", step, step / steps_per_epoch, **last_eval)
                 if env.is_main:
-                    ema = f"  val_top1_ema {last_eval['val_top1_ema']:.2f}%" if "val_top1_ema" in last_eval else ""
-                    bar.write(f"step {step}: val_top1 {last_eval['val_top1']:.2f}%  "
-                              f"val_top5 {last_eval['val_top5']:.2f}%  val_loss {last_eval['val_loss']:.4f}{ema}")
+                    bar.write(f"step {step}: {eval_line(last_eval)}")
                 if last_eval["val_top1"] > best_top1:
                     best_top1 = last_eval["val_top1"]
                     paths.append(ckpt.checkpoint_dir(out) / ckpt.BEST)
             if step == stop_at or due(cfg.train.checkpoint_every):
                 paths.append(last_pt)
             if paths:
-                loss_sum, bad = tdist.all_reduce_sum(env, [window.loss_sum(), engine.guard.count()])
-                if window.steps:  # a checkpoint never gets ahead of the train lines
-                    log_window(loss_sum, bad)
-                check_nonfinite(bad)
+                flush_window()  # a checkpoint never gets ahead of the train lines
                 save(paths)
         if window.steps:  # the steps since the last train line (after a signal)
-            loss_sum, bad = tdist.all_reduce_sum(env, [window.loss_sum(), engine.guard.count()])
-            log_window(loss_sum, bad)
-            check_nonfinite(bad)
+            flush_window()
     if not preempted and val is not None and last_eval is None:  # resumed a finished run: report it again
         last_eval = engine.evaluate(val)
         log.log("eval", step, step / steps_per_epoch, **last_eval)
 
-    if interrupted:
-        log.log("event", step, step / steps_per_epoch, event="interrupted", signal=preempted)
-        if env.is_main:
-            print(f"trainers.train: interrupted ({preempted}) at step {step}: checkpoint saved in {last_pt.parent}; "
-                  "run the same command again to resume", file=sys.stderr, flush=True)
-        log.close()
-        return stop.exit_code if stop.interrupted else INTERRUPTED_EXIT
-    if preempted:
-        log.log("event", step, step / steps_per_epoch, event="preempted", signal=preempted)
-        if env.is_main:
-            (out / PREEMPTED).write_text(f"{preempted} at step {step}; resume with train.resume=auto\n")
-            print(f"pre-empted ({preempted}) at step {step}: checkpoint saved in {last_pt.parent}", flush=True)
-    else:
-        log.log("event", step, step / steps_per_epoch, event="end")
-        if env.is_main:
-            summary = f"done: step {step}/{lr_at.total_steps} (epoch {step / steps_per_epoch:.2f})"
-            skipped = int(engine.guard.count())
-            if skipped:
-                summary += f"; {skipped} step(s) that were not finite were skipped (train.nonfinite_limit)"
-            if last_eval is not None:
-                e = last_eval
-                summary += f"; val_top1 {e['val_top1']:.2f}%, val_top5 {e['val_top5']:.2f}% on {e['val_images']} images"
-            print(f"{summary}; outputs in {out}", flush=True)
+    code = report_end(log, env, out, step, step / steps_per_epoch, lr_at.total_steps, preempted, interrupted,
+                      last_eval, int(engine.guard.count()), stop)
     log.close()
-    return 0
+    return code
 
 
 def run(cfg: Config) -> int:

@@ -76,3 +76,15 @@ def out_of_memory(exc: BaseException, cfg, where: str, lost: str) -> OutOfMemory
     where = f" {where}" if where else ""
     return OutOfMemory(f"out of memory{where} ({type(exc).__name__}: {first}) with {describe_batch(cfg)}; "
                        f"{lost}; {hint(cfg)}")
+
+
+def explained_step(engine, images, labels, lr: float, step: int, last_saved: str):
+    """``engine.step``, with running out of memory turned into one line that names the batch, says
+    which checkpoint is the last (``last_saved``) and gives the hint."""
+    try:
+        return engine.step(images, labels, lr, step)
+    except Exception as exc:  # noqa: BLE001 - only running out of memory becomes a line with a hint
+        if not is_out_of_memory(exc):
+            raise
+        raise out_of_memory(exc, engine.cfg, f"in training step {step + 1}",
+                            f"the steps since the last checkpoint are lost ({last_saved})") from None
