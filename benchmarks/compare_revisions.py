@@ -113,7 +113,7 @@ def main() -> None:
     print(f"B ÷ A: {b['images_per_s'] / a['images_per_s']:.3f}× images/s, "
           f"A ÷ B: {a['cpu_ms_per_image'] / b['cpu_ms_per_image']:.3f}× CPU per image")
     if args.json:
-        from benchmarks.record import git_commit
+        from dali_ba.provenance import git_commit
 
         revisions = {rev: subprocess.run(["git", "-C", str(REPO), "rev-parse", rev], capture_output=True, text=True,
                                          check=True).stdout.strip() for rev in checkouts}

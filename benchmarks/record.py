@@ -10,26 +10,14 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import List, Optional
 
-REPO = Path(__file__).resolve().parents[1]
+from dali_ba.provenance import git_commit
+
 ENV_KEYS = ("THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS", "MALLOC_ARENA_MAX", "CUDA_VISIBLE_DEVICES")
-
-
-def git_commit(repo: Path = REPO) -> dict:
-    """``{"git_commit": sha, "git_dirty": bool}`` of ``repo``, or nulls outside a git checkout."""
-    try:
-        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""
-        return {"git_commit": sha, "git_dirty": dirty}
-    except (OSError, subprocess.SubprocessError):
-        return {"git_commit": None, "git_dirty": None}
 
 
 def load_average() -> Optional[List[float]]:

@@ -48,6 +48,8 @@ def test_run_writes_config_metrics_and_checkpoints(data, tmp_path):
     assert all("aug_noise_trace" in r for r in diag if r["probe"] == "view")
     assert all(r["noise_pair"] == "half" and "noise_scale" in r for r in diag if r["probe"] == "half")
     assert [r["event"] for r in rows if r["kind"] == "event"] == ["start", "end"]
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert rows[0]["git_commit"] == head and isinstance(rows[0]["git_dirty"], bool)  # results trace to the code
 
     state = last_checkpoint(out)
     assert state["step"] == 16 and state["world_size"] == 1 and state["classes"] == [f"class_{i}" for i in range(4)]

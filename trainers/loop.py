@@ -31,6 +31,7 @@ from dali_ba import BatchAugmentLoader, EvalLoader
 from dali_ba.config import config_to_dict
 from dali_ba.errors import ConfigError, DecodeError, LoaderOutOfMemory, LoaderStateError
 from dali_ba.packed import is_packed
+from dali_ba.provenance import git_commit
 from trainers import checkpoint as ckpt
 from trainers import dist as tdist
 from trainers import outdir, resources
@@ -246,7 +247,8 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal, lock: RunLock | None 
         raise DataFailure(f"{message}; training stopped after step {step} and saved {last_pt}: {advice}") from None
 
     log.log("event", step, step / steps_per_epoch, event="start", world=env.world, steps_per_epoch=steps_per_epoch,
-            total_steps=lr_at.total_steps, stop_at=stop_at, resumed_from=str(resume_from) if resume_from else None)
+            total_steps=lr_at.total_steps, stop_at=stop_at, resumed_from=str(resume_from) if resume_from else None,
+            **(git_commit() if env.is_main else {}))
     if data_note is not None:
         log.log("event", step, step / steps_per_epoch, event="data_changed", message=data_note)
         if env.is_main:

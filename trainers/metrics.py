@@ -54,8 +54,9 @@ estimators). Gradient norms are of the mean-loss gradient, in image units (an im
                          the same B (M if views were independent images, 1 if they added nothing)
     probe                which probe ran: "view" or "half"; probe_view: the view index
 
-``kind: "event"`` — ``event`` is ``start`` (with ``resumed_from`` when resuming), ``preempted``
-(SIGTERM/SIGUSR1 arrived; a checkpoint was saved), ``interrupted`` (SIGINT; a checkpoint was saved),
+``kind: "event"`` — ``event`` is ``start`` (with ``resumed_from`` when resuming, and ``git_commit``/
+``git_dirty`` of the code), ``preempted`` (SIGTERM/SIGUSR1 arrived; a checkpoint was saved),
+``interrupted`` (SIGINT; a checkpoint was saved),
 ``stopped`` (``message`` says why; ``reason: decode_error``: a file failed to decode, a checkpoint
 was saved; ``reason: nonfinite_loss``: more steps than ``train.nonfinite_limit`` were not finite),
 ``data_changed`` (resumed, but not bit for bit: the training set changed, DALI could not restore its

@@ -174,7 +174,10 @@ def write_report(runs: list[dict], out: Path, read_metrics) -> str:
     import nvidia.dali
     import torch
 
+    from dali_ba.provenance import git_commit
+
     meta = {
+        **git_commit(),
         "machine": {
             "cpu_count": __import__("os").cpu_count(),
             "platform": platform.platform(),

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from dali_ba.errors import UserError
+from dali_ba.provenance import git_commit
 
 DEFAULT_SHARD_SIZE = "256MB"
 EXTENSIONS = ("jpg", "cls", "lbl")  # per sample, in this order
@@ -78,22 +79,6 @@ class PackResult:
     not_resized: list = field(default_factory=list)  # paths PIL could not re-encode (kept as they are)
     total: int = 0
     seconds: float = 0.0
-
-
-def _git_commit() -> str | None:
-    """The commit of the dali-ba checkout this code runs from, if it is one."""
-    import subprocess
-
-    here = Path(__file__).resolve().parent
-    try:
-        done = subprocess.run(["git", "-C", str(here), "rev-parse", "--show-toplevel", "HEAD"],
-                              capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    lines = done.stdout.split()
-    if done.returncode != 0 or len(lines) != 2 or not Path(lines[0], "dali_ba").is_dir():
-        return None
-    return lines[1]
 
 
 def _prepare(path: str, max_side: int | None, quality: int) -> tuple[bytes | None, str]:
@@ -178,7 +163,7 @@ def pack(src: str | Path, out: str, *, split: str = "train", file_list: str | Pa
                         "shuffle_seed": shuffle_seed, "max_pixels": max_pixels},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "dali_ba_version": __version__,
-            "git_commit": _git_commit(),
+            "git_commit": git_commit()["git_commit"],
         }
         # Read the manifest again: a pack of another split into OUT may have finished meanwhile.
         latest = mf.parse(output.read_manifest(), where)
