@@ -54,6 +54,15 @@ class LoaderStateError(UserError, ValueError):
     graph settings DALI cannot restore into); the message says what differs."""
 
 
+def dali_error_line(exc: BaseException) -> str:
+    """The meaningful line of a DALI error raised by a pipeline (after its operator traceback)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if "encountered:" in lines:
+        lines = lines[lines.index("encountered:") + 1:]
+    lines = [line for line in lines if not line.startswith(("Critical error", "Current pipeline object", "Error in"))]
+    return lines[0].strip(": ") if lines else type(exc).__name__
+
+
 def one_line(message: str) -> str:
     """``message`` on one line: a line break (say, in a file name) shown as ``\\n``."""
     return str(message).strip().replace("\r", "\\r").replace("\n", "\\n")

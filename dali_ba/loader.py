@@ -18,7 +18,15 @@ import torch
 
 from dali_ba.buffers import ReusedBuffers
 from dali_ba.dataset import align_classes
-from dali_ba.errors import ConfigError, DatasetError, DecodeError, LoaderOutOfMemory, LoaderStateError, UserError
+from dali_ba.errors import (
+    ConfigError,
+    DatasetError,
+    DecodeError,
+    LoaderOutOfMemory,
+    LoaderStateError,
+    UserError,
+    dali_error_line,
+)
 from dali_ba.index import AnyDataset, open_dataset
 from dali_ba.options import PipelineOptions, check_options, graph_settings
 from dali_ba.packed import READER_NAME, PackedDataset, PackedSource
@@ -68,7 +76,7 @@ class _DaliLoader(PipelineOptions):
                                         checkpoint=checkpoint, decode_per_view=decode_per_view)
         except RuntimeError as exc:
             if self.packed or "://" in self.dataset.root:  # a reader that opens its shards at build time
-                raise DatasetError(f"cannot read {self.dataset.root}: {_dali_message(exc)}") from None
+                raise DatasetError(f"cannot read {self.dataset.root}: {dali_error_line(exc)}") from None
             raise
         self.pipeline_builds += 1
         # A packed dataset's epochs are its reader's: whole batches for training, every sample once in eval.
@@ -93,8 +101,10 @@ class _DaliLoader(PipelineOptions):
         except RuntimeError as exc:
             self._close(failed=True)
             if LoaderOutOfMemory.matches(exc):  # not the files' fault: no culprit search
-                raise LoaderOutOfMemory.of(self, exc, _dali_message(exc)) from None
-            raise self._decode_error(exc, suspects) from None
+                raise LoaderOutOfMemory.of(self, exc, dali_error_line(exc)) from None
+            from dali_ba.data.verify import explain_failure
+
+            raise explain_failure(self.dataset.root, self.packed, dali_error_line(exc), suspects) from None
 
     def _end_epoch(self, spare: int = 0) -> None:
         """Take the pipeline's end of epoch: the iterator resets it and starts prefetching the next.
@@ -116,23 +126,6 @@ class _DaliLoader(PipelineOptions):
         if grouped:
             return images, labels
         return images.flatten(0, 1), labels.repeat_interleave(images.shape[1])
-
-    def _decode_error(self, exc: Exception, candidates: Sequence[str]) -> DecodeError:
-        """DALI's decode errors rarely name the file: decode the suspects again to find it."""
-        from dali_ba.data.verify import find_undecodable
-
-        dali_msg = _dali_message(exc)
-        if self.packed or "://" in self.dataset.root:
-            what = "the packed dataset" if self.packed else "objects under"
-            return DecodeError(f"DALI failed while reading {what} {self.dataset.root} ({dali_msg}); check that "
-                               f"the storage is reachable and the shards match dataset.json's sha256, or pack again")
-        bad = [(b.path, b.reason) for b in find_undecodable(candidates, num_threads=1, progress=False)]
-        hint = f"run `dali-ba data verify {self.dataset.root}` to list every such file (and write a clean file list)"
-        if bad:
-            named = "; ".join(f"{p} ({r})" for p, r in bad[:10])
-            return DecodeError(f"cannot decode {named}; {hint}", bad_files=[p for p, _ in bad])
-        return DecodeError(f"DALI failed while loading ({dali_msg}); none of the {len(candidates)} files of the "
-                           f"batches in flight failed a decode on their own; {hint}")
 
     def _graph(self, **extra) -> dict:
         """The settings that shape this loader's graph (saved with its state)."""
@@ -396,11 +389,3 @@ class EvalLoader(_DaliLoader):
                 self._complete = True
             yield (images[:, 0] if self.views == 1 else images), labels
 
-
-def _dali_message(exc: Exception) -> str:
-    """The meaningful line of a DALI error (after its operator traceback, if any)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if "encountered:" in lines:
-        lines = lines[lines.index("encountered:") + 1:]
-    lines = [line for line in lines if not line.startswith(("Critical error", "Current pipeline object", "Error in"))]
-    return lines[0].strip(": ") if lines else type(exc).__name__

@@ -10,12 +10,12 @@ decode stops every rank after a checkpoint pointing at that batch), did a signal
 (SIGTERM/SIGUSR1: every rank checkpoints and exits 0; SIGINT: the same, exit 130), and, every
 ``train.log_every`` steps, the loss since the last line and the count of non-finite steps (the only
 host sync for logging; ``nonfinite.py``). Set-up steps that may fail on some ranks end in one
-agreement (``faults.agreed``). Faults: docs/reliability.md.
+agreement (``faults.agreed``); the early stops save a checkpoint first (``saver.py``). Faults:
+docs/reliability.md.
 """
 from __future__ import annotations
 
 import gc
-import math
 import os
 import random
 import sys
@@ -40,16 +40,12 @@ from trainers.engine import Engine, build_engine
 from trainers.faults import DataFailure, agreed, gather_failure
 from trainers.host_memory import keep_freed_host_memory
 from trainers.metrics import MetricsLogger, TrainWindow
-from trainers.nonfinite import nonfinite_entries
 from trainers.run_lock import RunLock
+from trainers.saver import Saver
 from trainers.schedule import build_schedule
 from trainers.signals import INTERRUPTED_EXIT, StopSignal
 
 PREEMPTED = "PREEMPTED"  # written to train.out_dir after a signal-triggered checkpoint (SLURM requeues)
-
-
-class NonFiniteLoss(DataFailure):
-    """More steps had a NaN/inf loss than ``train.nonfinite_limit`` allows: every rank stops."""
 
 
 def endless(loader):
@@ -105,31 +101,6 @@ def restore(state: dict, path: Path, engine: Engine, loader: BatchAugmentLoader,
         engine.ema.load_state_dict(state["ema"])
     note = None if message is None else f"{message}; model, optimizer and step {state['step']} resume from {path}"
     return state["step"], state["best_top1"], note
-
-
-def nonfinite_message(states: list, limit: int):
-    """The one line for ranks' non-finite step counts (``NonFiniteGuard.state_dict()`` each), or None
-    while every count is within ``limit``."""
-    seen = [s for s in states if s["count"]]
-    count = int(max((s["count"] for s in seen), default=0))
-    if count <= limit:
-        return None
-    first = min(seen, key=lambda s: s["first_step"])
-    what = "gradients or BatchNorm statistics were" if math.isfinite(first["first_loss"]) else "loss was"
-    return (f"the {what} not finite at step {first['first_step']} (loss {first['first_loss']:.4g})"
-            + (f" and at {count - 1} more step(s)" if count > 1 else "")
-            + f"; their updates were skipped (train.nonfinite_limit={limit})")
-
-
-def data_failure_advice(cfg: Config, loader: BatchAugmentLoader, step: int, validation: bool) -> str:
-    """What the user can do after a file failed to load and the run stopped at ``step``."""
-    if validation:
-        return (f"replace or remove the file(s) under {cfg.data.val_root} and run again to resume at step {step} "
-                "(the evaluation that failed is not repeated)")
-    if loader.packed or "://" in loader.dataset.root:
-        return f"run again to resume exactly there once {loader.dataset.root} can be read"
-    return (f"replace the file(s) and run again to resume exactly there, or leave them out (data.train_list= "
-            f"a clean list) and run again to resume at step {step} with the epoch re-shuffled")
 
 
 def eval_line(metrics: dict) -> str:
@@ -201,50 +172,7 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal, lock: RunLock | None 
             outdir.take(cfg, lock or RunLock(out), size)
             (out / PREEMPTED).unlink(missing_ok=True)
     log = MetricsLogger(out / "metrics.jsonl", env.is_main, out / "tensorboard" if cfg.train.tensorboard else None)
-    last_pt = ckpt.checkpoint_dir(out) / ckpt.LAST
-
-    def kept() -> str:
-        return f"{last_pt} (step {saved_step}) is kept" if saved_step is not None else "no checkpoint was saved yet"
-
-    def save(paths, loader_state=None):
-        nonlocal saved_step
-        broken = nonfinite_entries(engine.model.state_dict())  # never save weights that are not finite
-        if broken:
-            raise NonFiniteLoss(f"the model's state is not finite after step {step} ({', '.join(broken[:3])}"
-                                f"{', ...' if len(broken) > 3 else ''}): not saved; {kept()}; lower optim.lr or "
-                                "lengthen schedule.warmup_epochs")
-        ckpt.save_checkpoint(paths, env, step=step, engine=engine, loader=loader, config=config_to_dict(cfg),
-                             best_top1=best_top1, schedule=lr_at, loader_state=loader_state,
-                             extra={"nonfinite": engine.guard.state_dict()})
-        if last_pt in paths:
-            saved_step = step
-
-    def check_nonfinite(total: float, loader_state=None) -> None:
-        """Stop once more steps were not finite than train.nonfinite_limit allows (all ranks agree)."""
-        if total == 0:
-            return
-        message = nonfinite_message(tdist.gather_objects(env, engine.guard.state_dict()), cfg.train.nonfinite_limit)
-        if message is None:
-            return
-        broken = nonfinite_entries(engine.model.state_dict())
-        if broken:  # e.g. BatchNorm statistics of the forward pass: the last good checkpoint stays
-            outcome = f"its state is not finite ({', '.join(broken[:3])}), so it was not saved; {kept()}"
-        else:
-            save([last_pt], loader_state)
-            outcome = f"saved {last_pt} (its weights are finite)"
-        log.log("event", step, step / steps_per_epoch, event="stopped", reason="nonfinite_loss", message=message)
-        log.close()
-        raise NonFiniteLoss(f"{message}; training stopped after step {step} and {outcome}: lower optim.lr or lengthen "
-                            "schedule.warmup_epochs (a new run: train.resume=none), or resume with a higher "
-                            "train.nonfinite_limit to skip such steps")
-
-    def stop_on_data_failure(message: str, loader_state=None, validation: bool = False, advice: str = ""):
-        """Every rank: checkpoint the last completed step (the loader at the batch that failed), stop."""
-        save([last_pt], loader_state)
-        log.log("event", step, step / steps_per_epoch, event="stopped", reason="decode_error", message=message)
-        log.close()
-        advice = advice or data_failure_advice(cfg, loader, step, validation)
-        raise DataFailure(f"{message}; training stopped after step {step} and saved {last_pt}: {advice}") from None
+    saver = Saver(cfg, env, engine, loader, lr_at, log, saved_step)
 
     log.log("event", step, step / steps_per_epoch, event="start", world=env.world, steps_per_epoch=steps_per_epoch,
             total_steps=lr_at.total_steps, stop_at=stop_at, resumed_from=str(resume_from) if resume_from else None,
@@ -264,7 +192,7 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal, lock: RunLock | None 
         loss_sum, bad = tdist.all_reduce_sum(env, [window.loss_sum(), engine.guard.count()])
         if window.steps:
             log_window(loss_sum, bad)
-        check_nonfinite(bad)
+        saver.check_nonfinite(bad, step, best_top1)
 
     def log_window(loss_sum: float, nonfinite: float = 0.0) -> None:
         row = window.row(loss_sum, env.world, cfg.data.batch_size, cfg.data.num_views, lr_at(step - 1))
@@ -287,21 +215,19 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal, lock: RunLock | None 
                                          + ([window.loss_sum(), engine.guard.count()] if log_due else []))
             if log_due:
                 log_window(agree[3], agree[4])
-                check_nonfinite(agree[4], resume_state)
-            if agree[0] > 0:
-                oom = isinstance(failure, LoaderOutOfMemory)
-                stop_on_data_failure(gather_failure(env, failure), resume_state, advice=resources.hint(cfg) + (
-                    "; data.prefetch and data.num_threads may change on resume") if oom else "")
+                saver.check_nonfinite(agree[4], step, best_top1, resume_state)
+            if agree[0] > 0:  # every rank: save the last step, with the loader at the batch that failed
+                saver.stop_on_data_failure(gather_failure(env, failure), step, best_top1, resume_state,
+                                           out_of_memory=isinstance(failure, LoaderOutOfMemory))
             if agree[1] > 0 or agree[2] > 0:  # the fetched batch is not trained on: the checkpoint resumes with it
                 interrupted = agree[2] > 0
                 preempted = stop.received or ("SIGINT" if interrupted else "a signal") + " on another rank"
-                save([last_pt], resume_state)
+                saver.save([saver.last], step, best_top1, resume_state)
                 break
             images, labels = (t.to(env.device, non_blocking=True) for t in batch)
             del batch
             t_data = time.perf_counter()
-            last_saved = f"{last_pt} (step {saved_step})" if saved_step is not None else "no checkpoint yet"
-            loss, diag = resources.explained_step(engine, images, labels, lr_at(step), step, last_saved)
+            loss, diag = resources.explained_step(engine, images, labels, lr_at(step), step, saver.kept)
             step += 1
             window.add(loss, t_data - t0, time.perf_counter() - t0)
             bar.update(1)
@@ -313,18 +239,18 @@ def fit(cfg: Config, env: tdist.DistEnv, stop: StopSignal, lock: RunLock | None 
                 try:
                     last_eval = engine.evaluate(val)
                 except DataFailure as exc:  # every rank gets it; the training state is consistent
-                    stop_on_data_failure(str(exc), validation=True)
+                    saver.stop_on_data_failure(str(exc), step, best_top1, validation=True)
                 log.log("eval", step, step / steps_per_epoch, **last_eval)
                 if env.is_main:
                     bar.write(f"step {step}: {eval_line(last_eval)}")
                 if last_eval["val_top1"] > best_top1:
                     best_top1 = last_eval["val_top1"]
-                    paths.append(ckpt.checkpoint_dir(out) / ckpt.BEST)
+                    paths.append(saver.best)
             if step == stop_at or due(cfg.train.checkpoint_every):
-                paths.append(last_pt)
+                paths.append(saver.last)
             if paths:
                 flush_window()  # a checkpoint never gets ahead of the train lines
-                save(paths)
+                saver.save(paths, step, best_top1)
         if window.steps:  # the steps since the last train line (after a signal)
             flush_window()
     if not preempted and val is not None and last_eval is None:  # resumed a finished run: report it again

@@ -12,7 +12,7 @@ for time: ``train.view_chunks`` (the M views in chunks, gradients accumulated), 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 from dali_ba.errors import UserError
 
@@ -78,13 +78,13 @@ def out_of_memory(exc: BaseException, cfg, where: str, lost: str) -> OutOfMemory
                        f"{lost}; {hint(cfg)}")
 
 
-def explained_step(engine, images, labels, lr: float, step: int, last_saved: str):
+def explained_step(engine, images, labels, lr: float, step: int, kept: Callable[[], str]):
     """``engine.step``, with running out of memory turned into one line that names the batch, says
-    which checkpoint is the last (``last_saved``) and gives the hint."""
+    which checkpoint is kept (``kept()``, called only then) and gives the hint."""
     try:
         return engine.step(images, labels, lr, step)
     except Exception as exc:  # noqa: BLE001 - only running out of memory becomes a line with a hint
         if not is_out_of_memory(exc):
             raise
         raise out_of_memory(exc, engine.cfg, f"in training step {step + 1}",
-                            f"the steps since the last checkpoint are lost ({last_saved})") from None
+                            f"the steps since the last checkpoint are lost; {kept()}") from None

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from dali_ba.data.decode_worker import DecodeWorker, Failure
-from dali_ba.errors import UserError
+from dali_ba.errors import DecodeError, UserError
 
 # 100 MP (10000x10000): in the loader ~1.5 GB and a few seconds of one core per such image.
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -204,6 +204,22 @@ def find_undecodable(paths: Sequence[str], num_threads: int = 2, batch_size: int
                      progress: bool = True) -> list[BadFile]:
     """Return only the files DALI cannot decode (in input order), each with a reason."""
     return verify_files(paths, num_threads, batch_size, progress).bad
+
+
+def explain_failure(root: str, packed: bool, dali_line: str, candidates: Sequence[str]) -> DecodeError:
+    """A loader's DALI failure as one line: DALI rarely names the file, so decode the files that
+    may be at fault (``candidates``, those of the batches in flight) again, one by one."""
+    if packed or "://" in root:
+        what = "the packed dataset" if packed else "objects under"
+        return DecodeError(f"DALI failed while reading {what} {root} ({dali_line}); check that the storage is "
+                           f"reachable and the shards match dataset.json's sha256, or pack again")
+    bad = [(b.path, b.reason) for b in find_undecodable(candidates, num_threads=1, progress=False)]
+    hint = f"run `dali-ba data verify {root}` to list every such file (and write a clean file list)"
+    if bad:
+        named = "; ".join(f"{p} ({r})" for p, r in bad[:10])
+        return DecodeError(f"cannot decode {named}; {hint}", bad_files=[p for p, _ in bad])
+    return DecodeError(f"DALI failed while loading ({dali_line}); none of the {len(candidates)} files of the "
+                       f"batches in flight failed a decode on their own; {hint}")
 
 
 def decode_check_one(path: str) -> str | None:
