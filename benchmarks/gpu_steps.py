@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 from benchmarks.gpu_check import Context, Step, StepFailed, stop_group
+from benchmarks.processes import descendants
 
 STEP_NAMES = ("data", "tests", "probe", "loader", "train", "torchrun")
 RECIPE = "pipelines/imagenet-resnet50-ba4.yaml"
@@ -43,24 +44,6 @@ def stack_info(ctx: Context) -> dict:
         return last_json(ctx.run([ctx.python, "-m", "benchmarks.gpu_probe", "info"], "info", timeout=60).stdout)
     except StepFailed as exc:
         return {"error": exc.message}
-
-
-def descendants(pid: int) -> List[int]:
-    """Live descendants of ``pid`` (children first), from /proc."""
-    children: Dict[int, List[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(0), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def _data(ctx: Context) -> dict:

@@ -39,6 +39,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from benchmarks.processes import descendants_cpu_seconds
+
 VARIANTS = ("dali-fused", "dali-naive", "torchvision")  # the default set
 
 
@@ -81,42 +83,12 @@ class LoaderBenchSettings:
 
 # ---------------------------------------------------------------- CPU time of the process tree
 
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _proc_stat(pid: int) -> Optional[Tuple[int, float]]:
-    """(parent pid, utime + stime in seconds) of a live process, from /proc/<pid>/stat."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read().decode(errors="replace")
-    except OSError:
-        return None
-    fields = data[data.rindex(")") + 2:].split()  # after "pid (comm) "; comm may hold spaces
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICKS
-
-
-def _descendants_cpu(root_pid: int) -> float:
-    """CPU seconds of the live descendants of ``root_pid`` (children, grandchildren, …)."""
-    parents: Dict[int, List[Tuple[int, float]]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            info = _proc_stat(int(name))
-            if info is not None:
-                parents.setdefault(info[0], []).append((int(name), info[1]))
-    total, todo = 0.0, [root_pid]
-    while todo:
-        for pid, cpu in parents.get(todo.pop(), []):
-            total += cpu
-            todo.append(pid)
-    return total
-
-
 def process_tree_cpu_seconds() -> float:
     """User + system CPU seconds of this process (all threads), its live descendants, and the
     children it already reaped. Take the difference over a window."""
     me = resource.getrusage(resource.RUSAGE_SELF)
     gone = resource.getrusage(resource.RUSAGE_CHILDREN)
-    live = _descendants_cpu(os.getpid()) if os.path.isdir("/proc") else 0.0
+    live = descendants_cpu_seconds(os.getpid())
     return me.ru_utime + me.ru_stime + gone.ru_utime + gone.ru_stime + live
 
 

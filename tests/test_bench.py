@@ -3,6 +3,7 @@ hold what was measured. No speed assertions: these run on a busy 2-core machine.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -217,6 +218,26 @@ def test_process_tree_cpu_counts_live_children():
         assert child.stdout.readline().strip() == "done"  # the child has burnt 0.5 s of CPU and lives on
         assert process_tree_cpu_seconds() - before > 0.4  # counted although it has not exited
     finally:
+        child.kill()
+        child.wait()
+
+
+def test_process_tree_lists_children_then_grandchildren():
+    from benchmarks.processes import children, descendants
+
+    code = ("import subprocess, sys, time\n"
+            "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            "print(g.pid, flush=True)\ntime.sleep(60)")
+    child, grandchild = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True), None
+    try:
+        grandchild = int(child.stdout.readline())
+        assert child.pid in children(os.getpid()) and grandchild not in children(os.getpid())
+        tree = descendants(os.getpid())
+        assert tree.index(child.pid) < tree.index(grandchild)
+        assert descendants(child.pid) == [grandchild] and children(grandchild) == []
+    finally:
+        if grandchild is not None:
+            os.kill(grandchild, 9)
         child.kill()
         child.wait()
 

@@ -28,6 +28,7 @@ import torch
 from conftest import index_of, write_indexed_folder
 from PIL import Image
 
+from benchmarks.processes import children as child_pids
 from dali_ba import BatchAugmentLoader, EvalLoader
 from dali_ba.data.verify import DEFAULT_MAX_PIXELS, verify_files
 from dali_ba.errors import DatasetError, DecodeError
@@ -247,27 +248,12 @@ def _proc_status(pid: int) -> dict:
 def _decode_workers(pid: int) -> list:
     """The decode processes among ``pid``'s children (other tests may leave e.g. an S3 server)."""
     found = []
-    for child in _children(pid):
+    for child in child_pids(pid):
         try:
             if b"decode_worker" in Path(f"/proc/{child}/cmdline").read_bytes():
                 found.append(child)
         except OSError:
             continue
-    return found
-
-
-def _children(pid: int) -> list:
-    """Process ids whose parent is ``pid`` (from /proc/*/stat)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
     return found
 
 
@@ -305,7 +291,7 @@ def _run_sampled(cmd: list, on_sample=None, timeout: float = 300) -> tuple[subpr
     reader.start()
     while reader.is_alive():
         parent = _proc_status(proc.pid)
-        children = {pid: _proc_status(pid) for pid in _children(proc.pid)}
+        children = {pid: _proc_status(pid) for pid in child_pids(proc.pid)}
         children = {pid: status for pid, status in children.items() if status}
         if parent:
             peak["tree_rss"] = max(peak["tree_rss"], parent["rss"] + sum(s["rss"] for s in children.values()))

@@ -21,6 +21,7 @@ import torch
 import yaml
 from conftest import write_image_folder, write_indexed_folder
 
+from benchmarks.processes import children
 from dali_ba import BatchAugmentLoader
 from trainers import checkpoint as ckpt
 from trainers.loop import PREEMPTED
@@ -73,20 +74,6 @@ def bare_ranks(cfg: Path) -> list:
         procs.append(subprocess.Popen([sys.executable, "-m", "trainers.train", "--config", str(cfg)], cwd=REPO, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
-
-
-def children(pid: int) -> list:
-    """The worker processes torchrun started (direct children)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-    return sorted(out)
 
 
 def wait_steps(out: Path, steps: int, procs: list, timeout: float = 240) -> None:
