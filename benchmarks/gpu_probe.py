@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from benchmarks.processes import rss_bytes
+
 HINTS = {"off": (0, 0), "on": (5980, 6430)}
 GROWTH_LIMIT_MIB = 128  # after the first epoch; DALI's pools should have stopped growing by then
 
@@ -66,9 +68,7 @@ def _used() -> tuple:
     gc.collect()
     torch.cuda.synchronize()
     free, total = torch.cuda.mem_get_info()
-    with open("/proc/self/statm") as f:
-        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return (total - free) / 2**20, rss / 2**20
+    return (total - free) / 2**20, rss_bytes() / 2**20
 
 
 def memory(root: str, val_root: str, hints: str, threads: int, images: int = 640, epochs: int = 5) -> dict:

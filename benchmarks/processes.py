@@ -23,6 +23,12 @@ def _stat(pid: int) -> Optional[Tuple[int, float]]:
     return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+def rss_bytes() -> int:
+    """This process's resident memory now (not the peak that ``getrusage`` reports)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def process_table() -> Table:
     """Every live process now (empty where there is no /proc)."""
     if not os.path.isdir("/proc"):

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.processes import rss_bytes
 from dali_ba import BatchAugmentLoader, EvalLoader
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -147,9 +148,7 @@ def _memory() -> tuple:
     gc.collect()
     torch.cuda.synchronize()
     free, total = torch.cuda.mem_get_info()
-    with open("/proc/self/statm") as f:
-        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return total - free, torch.cuda.memory_allocated(), rss
+    return total - free, torch.cuda.memory_allocated(), rss_bytes()
 
 
 def test_gpu_memory_is_flat_over_epochs_and_evaluations(image_folder):
